@@ -1,0 +1,153 @@
+//! Configuration, one struct per role, read from environment variables and the same
+//! names as CLI flags (clap). Defaults work for `switchboard dev` on a machine with
+//! Postgres and Redis on their standard local ports.
+
+use std::time::Duration;
+
+/// Settings every role shares: where the stores are and how keys are named.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonConfig {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/switchboard")]
+    pub database_url: String,
+    /// Redis connection URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so several deployments (or tests) share one Redis.
+    #[arg(long, env = "SWITCHBOARD_NAMESPACE", default_value = "switchboard")]
+    pub namespace: String,
+    /// Lease of a running run and its device, renewed by heartbeat (seconds).
+    #[arg(long, env = "SWITCHBOARD_LEASE_TTL_S", default_value_t = 15)]
+    pub lease_ttl_s: u64,
+    /// Most Postgres connections this process opens.
+    #[arg(long, env = "SWITCHBOARD_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl CommonConfig {
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s.max(1))
+    }
+
+    /// One line for the start-up log, with passwords removed.
+    pub fn summary(&self) -> String {
+        format!(
+            "database_url={} redis_url={} namespace={} lease_ttl_s={}",
+            redact_url(&self.database_url),
+            redact_url(&self.redis_url),
+            self.namespace,
+            self.lease_ttl_s
+        )
+    }
+}
+
+/// Settings of the HTTP API.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiConfig {
+    /// Address the API listens on (`127.0.0.1:0` picks a free port).
+    #[arg(long = "api-addr", env = "SWITCHBOARD_API_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// An admin token accepted from start-up, for bootstrapping.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Comma-separated origins allowed by CORS (`*` for any); empty disables CORS.
+    #[arg(long, env = "SWITCHBOARD_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+    /// Upper bound on the time one request may take before it answers 503 (seconds).
+    #[arg(long, env = "SWITCHBOARD_REQUEST_TIMEOUT_S", default_value_t = 10)]
+    pub request_timeout_s: u64,
+    /// Largest request body accepted (bytes).
+    #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+}
+
+impl ApiConfig {
+    pub fn summary(&self) -> String {
+        format!(
+            "api_addr={} admin_token={} cors_origins={:?} request_timeout_s={}",
+            self.addr,
+            if self.admin_token.is_some() { "<set>" } else { "<unset>" },
+            self.cors_origins,
+            self.request_timeout_s
+        )
+    }
+}
+
+/// Settings of a worker process.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerConfig {
+    /// Runs this process executes at once.
+    #[arg(long = "concurrency", env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Fallback poll interval of the queue (milliseconds); pushes also wake workers at once.
+    #[arg(long, env = "SWITCHBOARD_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// Time in-flight runs get to finish after SIGTERM before they are handed back (seconds).
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    /// Consecutive infrastructure errors that open a device's breaker.
+    #[arg(long, env = "SWITCHBOARD_BREAKER_THRESHOLD", default_value_t = 3)]
+    pub breaker_threshold: i32,
+    /// How long an open breaker stays open before a probe run (seconds).
+    #[arg(long, env = "SWITCHBOARD_BREAKER_COOLDOWN_S", default_value_t = 60)]
+    pub breaker_cooldown_s: u64,
+}
+
+impl WorkerConfig {
+    pub fn summary(&self) -> String {
+        format!(
+            "concurrency={} poll_interval_ms={} shutdown_grace_s={} breaker_threshold={} breaker_cooldown_s={}",
+            self.concurrency,
+            self.poll_interval_ms,
+            self.shutdown_grace_s,
+            self.breaker_threshold,
+            self.breaker_cooldown_s
+        )
+    }
+}
+
+/// Settings of the scheduler (reconciler, and later cron ticks).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How often the reconciler looks for expired leases and stranded runs (seconds).
+    #[arg(long, env = "SWITCHBOARD_RECONCILE_INTERVAL_S", default_value_t = 5)]
+    pub reconcile_interval_s: u64,
+    /// A queued run not delivered for this long is pushed to Redis again (seconds).
+    #[arg(long, env = "SWITCHBOARD_REDISPATCH_AFTER_S", default_value_t = 10)]
+    pub redispatch_after_s: u64,
+}
+
+impl SchedulerConfig {
+    pub fn summary(&self) -> String {
+        format!(
+            "reconcile_interval_s={} redispatch_after_s={}",
+            self.reconcile_interval_s, self.redispatch_after_s
+        )
+    }
+}
+
+/// `scheme://user:secret@host/db` -> `scheme://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/d"), "postgres://u:***@h:5432/d");
+        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,80 @@
+//! Postgres connection pool, database creation and migrations.
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    ConnectOptions, Connection, PgPool,
+    postgres::{PgConnectOptions, PgConnection, PgPoolOptions},
+};
+
+use crate::{CoreError, CoreResult};
+
+/// The migrations embedded at compile time (see build.rs).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+fn options(url: &str) -> CoreResult<PgConnectOptions> {
+    PgConnectOptions::from_str(url)
+        .map(|o| {
+            // Nothing waits forever: a statement that runs longer than this is cancelled.
+            o.options([("statement_timeout", "15s"), ("lock_timeout", "10s")])
+                .log_statements(tracing::log::LevelFilter::Trace)
+        })
+        .map_err(|e| CoreError::BadRequest(format!("invalid DATABASE_URL: {e}")))
+}
+
+/// A pool whose acquire times out quickly, so callers can answer 503 instead of hanging.
+pub async fn connect(url: &str, max_connections: u32) -> CoreResult<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections.max(2))
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .test_before_acquire(false)
+        .connect_with(options(url)?)
+        .await?;
+    Ok(pool)
+}
+
+/// A pool that does not connect until first used (the API starts even if Postgres is down).
+pub fn connect_lazy(url: &str, max_connections: u32) -> CoreResult<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections.max(2))
+        .acquire_timeout(Duration::from_secs(3))
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_lazy_with(options(url)?))
+}
+
+/// Creates the database named in `url` if it does not exist (connecting to `postgres`).
+pub async fn create_database_if_missing(url: &str) -> CoreResult<()> {
+    let opts = options(url)?;
+    let name = opts.get_database().unwrap_or("postgres").to_string();
+    if name == "postgres" {
+        return Ok(());
+    }
+    let admin = opts.clone().database("postgres");
+    let mut conn = PgConnection::connect_with(&admin).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let sql = format!("CREATE DATABASE {quoted}");
+        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> CoreResult<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|e| CoreError::Internal(format!("migration failed: {e}")))
+}
