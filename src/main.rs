@@ -1,1 +1,144 @@
-fn main() {}
+//! `switchboard`: one binary, one subcommand per role.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use switchboard_core::{
+    config::{ApiConfig, CommonConfig, SchedulerConfig, WorkerConfig},
+    db,
+    model::{DeviceStatus, Driver},
+    repo::devices::{self, NewDevice},
+    shutdown, telemetry,
+};
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Durable test orchestration for device farms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Api {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        api: ApiConfig,
+    },
+    /// Execute runs from the queue.
+    Worker {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    },
+    /// Reconcile stranded runs (and, later, fire cron schedules).
+    Scheduler {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        scheduler: SchedulerConfig,
+    },
+    /// Create the database if missing and apply migrations.
+    Migrate {
+        #[command(flatten)]
+        common: CommonConfig,
+    },
+    /// Everything in one process, with a simulated device farm: for trying Switchboard.
+    Dev {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        api: ApiConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+        #[command(flatten)]
+        scheduler: SchedulerConfig,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Api { common, api } => {
+            telemetry::init(&common.log_format);
+            switchboard_api::run(common, api, shutdown::on_signal()).await
+        }
+        Command::Worker { common, worker } => {
+            telemetry::init(&common.log_format);
+            switchboard_worker::run(common, worker, shutdown::on_signal()).await
+        }
+        Command::Scheduler { common, scheduler } => {
+            telemetry::init(&common.log_format);
+            switchboard_scheduler::run(common, scheduler, shutdown::on_signal()).await
+        }
+        Command::Migrate { common } => {
+            telemetry::init(&common.log_format);
+            migrate(&common).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Dev { common, api, worker, scheduler } => {
+            telemetry::init(&common.log_format);
+            dev(common, api, worker, scheduler).await
+        }
+    }
+}
+
+async fn migrate(common: &CommonConfig) -> anyhow::Result<sqlx::PgPool> {
+    db::create_database_if_missing(&common.database_url).await.context("creating the database")?;
+    let pool = db::connect(&common.database_url, 4).await.context("connecting to postgres")?;
+    db::migrate(&pool).await.context("applying migrations")?;
+    Ok(pool)
+}
+
+/// The simulated farm `dev` seeds: 8 phones in pool `sim`, a little latency each.
+fn dev_farm() -> Vec<NewDevice> {
+    let models = ["Pixel 8", "Pixel 7a", "Galaxy S24", "Galaxy A54"];
+    (1..=8)
+        .map(|i| NewDevice {
+            serial: format!("sim-{i:02}"),
+            name: format!("Simulated phone {i}"),
+            platform: "android".into(),
+            model: Some(models[(i - 1) % models.len()].into()),
+            pool: "sim".into(),
+            labels: if i % 2 == 0 { vec!["android".into(), "lte".into(), "volte".into()] } else { vec!["android".into(), "lte".into()] },
+            driver: Driver::Sim,
+            host_id: None,
+            status: DeviceStatus::Online,
+            metadata: json!({"sim": {"latency_ms": 100 + 25 * i}}),
+        })
+        .collect()
+}
+
+async fn dev(common: CommonConfig, mut api: ApiConfig, worker: WorkerConfig, scheduler: SchedulerConfig) -> anyhow::Result<()> {
+    let pool = migrate(&common).await?;
+    let created = devices::seed(&pool, &dev_farm()).await?;
+    pool.close().await;
+    let token = api.admin_token.clone().unwrap_or_else(|| {
+        let t: String = (0..32).map(|_| fastrand::alphanumeric().to_ascii_lowercase()).collect();
+        format!("sb_dev_{t}")
+    });
+    api.admin_token = Some(token.clone());
+    let addr = api.addr.clone();
+    println!();
+    println!("Switchboard dev is starting ({created} simulated devices added; 8 in pool \"sim\").");
+    println!("  API:         http://{addr}");
+    println!("  Admin token: {token}");
+    println!("  Start a run:");
+    println!(
+        "    curl -s -X POST http://{addr}/api/v1/modules/ping/runs -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"params\": {{\"host\": \"8.8.8.8\", \"count\": 4}}, \"device\": {{\"pool\": \"sim\"}}}}'"
+    );
+    println!("  Then: curl -s http://{addr}/api/v1/runs/<id> -H 'Authorization: Bearer {token}'");
+    println!();
+    let stop = shutdown::on_signal();
+    let (a, w, s) = tokio::join!(
+        switchboard_api::run(common.clone(), api, stop.clone()),
+        switchboard_worker::run(common.clone(), worker, stop.clone()),
+        switchboard_scheduler::run(common, scheduler, stop.clone()),
+    );
+    a.and(w).and(s)
+}

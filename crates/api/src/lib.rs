@@ -1,1 +1,122 @@
+//! The HTTP API (axum): routes, the error envelope, authentication.
 
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+pub mod routes;
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    http::{HeaderValue, Method, header},
+    middleware::from_fn_with_state,
+    routing::get,
+};
+use sqlx::PgPool;
+use switchboard_core::{
+    config::{ApiConfig, CommonConfig},
+    db, ids,
+    queue::Queue,
+    repo::processes,
+};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub queue: Queue,
+    pub config: Arc<ApiConfig>,
+    pub started_at: Instant,
+}
+
+/// The whole router, with its middleware.
+pub fn router(state: AppState) -> Router {
+    use routes::*;
+    let v1 = Router::new()
+        .route("/openapi.json", get(openapi::document))
+        .route("/devices", get(devices::list).post(devices::create))
+        .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
+        .route("/devices/{id}/runs", get(runs::for_device))
+        .route("/modules", get(modules::list))
+        .route("/modules/{id}", get(modules::get))
+        .route("/modules/{id}/runs", axum::routing::post(modules::start))
+        .route("/runs", get(runs::list))
+        .route("/runs/{id}", get(runs::get))
+        .route("/runs/{id}/events", get(runs::events))
+        .route_layer(from_fn_with_state(state.clone(), middleware::require_token));
+    let mut app = Router::new()
+        .route("/health", get(health::live))
+        .route("/health/full", get(health::full))
+        .nest("/api/v1", v1)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path")
+        })
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+    if let Some(cors) = cors_layer(&state.config.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.layer(from_fn_with_state(state.clone(), middleware::request_context)).with_state(state)
+}
+
+fn cors_layer(origins: &str) -> Option<CorsLayer> {
+    let origins: Vec<&str> = origins.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "idempotency-key".parse().expect("header name"), "x-request-id".parse().expect("header name")])
+            .expose_headers(["x-request-id".parse().expect("header name")]),
+    )
+}
+
+/// Serves the API until `shutdown`. Prints `switchboard api listening on http://ADDR` on
+/// stdout once bound (tests and scripts read it to learn the port).
+pub async fn run(common: CommonConfig, cfg: ApiConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let me = ids::process_identity("api");
+    tracing::info!(api = %me, "api starting: {} {}", common.summary(), cfg.summary());
+    if cfg.admin_token.is_none() {
+        tracing::warn!("SWITCHBOARD_ADMIN_TOKEN is not set: every /api/v1 request will be refused");
+    }
+    let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
+    let queue = Queue::new(&common.redis_url, &common.namespace)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.addr).await?;
+    let addr = listener.local_addr()?;
+    let state = AppState { pool: pool.clone(), queue, config: Arc::new(cfg), started_at: Instant::now() };
+    println!("switchboard api listening on http://{addr}");
+    tracing::info!(%addr, "api listening");
+    let beat = {
+        let pool = pool.clone();
+        let me = me.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let info = serde_json::json!({"addr": addr.to_string(), "version": env!("CARGO_PKG_VERSION")});
+            loop {
+                let _ = processes::beat(&pool, &me, "api", &info).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                }
+            }
+        })
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    beat.abort();
+    let _ = processes::stopped(&pool, &me).await;
+    tracing::info!("api stopped");
+    Ok(())
+}

@@ -94,6 +94,12 @@ pub struct WorkerConfig {
     /// How long an open breaker stays open before a probe run (seconds).
     #[arg(long, env = "SWITCHBOARD_BREAKER_COOLDOWN_S", default_value_t = 60)]
     pub breaker_cooldown_s: u64,
+    /// First retry delay after an infrastructure error (milliseconds); doubles per attempt, with jitter.
+    #[arg(long, env = "SWITCHBOARD_RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay (seconds).
+    #[arg(long, env = "SWITCHBOARD_RETRY_MAX_S", default_value_t = 300)]
+    pub retry_max_s: u64,
 }
 
 impl WorkerConfig {

@@ -13,6 +13,7 @@ pub mod model;
 pub mod pagination;
 pub mod queue;
 pub mod repo;
+pub mod retry;
 pub mod schema;
 pub mod selector;
 pub mod shutdown;

@@ -1,1 +1,61 @@
+//! The scheduler role: the reconciler (expired leases, runs Redis lost) and, later, cron
+//! ticks and host liveness. Every pass is safe with several schedulers running.
 
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use switchboard_core::{
+    CoreResult,
+    config::{CommonConfig, SchedulerConfig},
+    db, ids,
+    queue::Queue,
+    repo::{processes, runs},
+};
+use tokio_util::sync::CancellationToken;
+
+/// Runs the scheduler until `shutdown`.
+pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let me = ids::process_identity("scheduler");
+    tracing::info!(scheduler = %me, "scheduler starting: {} {}", common.summary(), cfg.summary());
+    let pool = db::connect_lazy(&common.database_url, 4)?;
+    let queue = Queue::new(&common.redis_url, &common.namespace)?;
+    let interval = Duration::from_secs(cfg.reconcile_interval_s.max(1));
+    let stale = Duration::from_secs(cfg.redispatch_after_s.max(1));
+    let info = json!({"version": env!("CARGO_PKG_VERSION"), "reconcile_interval_s": cfg.reconcile_interval_s});
+    loop {
+        if let Err(e) = processes::beat(&pool, &me, "scheduler", &info).await {
+            tracing::warn!(error = %e, "scheduler heartbeat failed");
+        }
+        match reconcile(&pool, &queue, stale).await {
+            Ok(n) if n > 0 => tracing::info!(pushed = n, "reconciler re-delivered runs"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying next interval"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    let _ = processes::stopped(&pool, &me).await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+/// One reconcile pass: recover expired leases, then push queued runs that nobody has
+/// delivered lately. Returns how many runs were pushed.
+pub async fn reconcile(pool: &PgPool, queue: &Queue, stale: Duration) -> CoreResult<usize> {
+    let mut recovered = runs::recover_expired(pool, 500).await?;
+    if !recovered.is_empty() {
+        tracing::warn!(count = recovered.len(), "recovered runs whose worker stopped renewing its lease");
+    }
+    let due = runs::due_for_dispatch(pool, stale, 1000).await?;
+    recovered.extend(due);
+    recovered.sort();
+    recovered.dedup();
+    for chunk in recovered.chunks(200) {
+        queue.push_many(chunk).await?;
+        runs::mark_dispatched(pool, chunk).await?;
+    }
+    Ok(recovered.len())
+}

@@ -1,1 +1,213 @@
+//! The worker role: takes run ids from Redis (apalis), claims run and device in
+//! Postgres, executes the module through its driver, writes the outcome, and hands the
+//! freed device to the best waiting run.
 
+pub mod drivers;
+pub mod executor;
+pub mod wake;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use apalis::prelude::*;
+use apalis_core::backend::ext::{BackendExt, poll_strategy::Strategy};
+use apalis_redis::RedisStorage;
+use serde_json::json;
+use switchboard_core::{
+    config::{CommonConfig, WorkerConfig},
+    db, ids,
+    queue::{self, Keys, Queue, RunJob},
+    repo::{
+        processes,
+        runs::{self, BreakerPolicy, ClaimOutcome},
+    },
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{drivers::Drivers, executor::Executor, wake::WakeHub};
+
+/// State every apalis handler invocation sees.
+#[derive(Clone)]
+struct Shared {
+    exec: Arc<Executor>,
+    tracker: TaskTracker,
+}
+
+/// Runs a worker process until `shutdown`, then stops gracefully: no new work, in-flight
+/// runs get `shutdown_grace_s` to finish, the rest are handed back to the queue.
+pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let owner = ids::process_identity("worker");
+    tracing::info!(worker = %owner, "worker starting: {} {}", common.summary(), cfg.summary());
+    let pool = connect_with_retry(&common, &shutdown).await?;
+    let Some(pool) = pool else { return Ok(()) };
+    let queue = Queue::new(&common.redis_url, &common.namespace)?;
+    let keys = Keys::new(&common.namespace);
+
+    let stopping = CancellationToken::new();
+    let hand_back = CancellationToken::new();
+    let exec = Arc::new(Executor {
+        pool: pool.clone(),
+        queue: queue.clone(),
+        owner: owner.clone(),
+        drivers: Drivers::builtin(),
+        lease_ttl: common.lease_ttl(),
+        breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
+        retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
+        retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
+        hand_back: hand_back.clone(),
+        stopping: stopping.clone(),
+    });
+    let shared = Shared { exec, tracker: TaskTracker::new() };
+
+    let hub = WakeHub::default();
+    let background = CancellationToken::new();
+    tokio::spawn(hub.clone().listen(common.redis_url.clone(), keys.wake_channel(), background.clone()));
+    tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
+
+    // Supervisor: an apalis worker ends when Redis misbehaves (a fetch error marks it
+    // dead); start a fresh one, under a fresh name, until we are told to stop.
+    let supervisor = {
+        let stopping = stopping.clone();
+        let shared = shared.clone();
+        let hub = hub.clone();
+        let redis_url = common.redis_url.clone();
+        let owner = owner.clone();
+        let concurrency = cfg.concurrency.max(1);
+        let poll = Duration::from_millis(cfg.poll_interval_ms.max(10));
+        async move {
+            let mut generation = 0u32;
+            let mut delay = Duration::from_millis(200);
+            while !stopping.is_cancelled() {
+                generation += 1;
+                let name = format!("{owner}#{generation}");
+                let conn = match queue::connection(&redis_url) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "bad redis configuration");
+                        return;
+                    }
+                };
+                let backend = RedisStorage::<RunJob>::new(conn)
+                    .with_config(keys.apalis_config(concurrency))
+                    .poll_with_strategy(Strategy::new().interval(poll).stream(hub.subscribe()));
+                let worker = WorkerBuilder::new(name.clone())
+                    .backend(backend)
+                    .data(shared.clone())
+                    .concurrency(concurrency)
+                    .parallelize(tokio::spawn)
+                    .build(handle);
+                let stop = stopping.clone();
+                let started = std::time::Instant::now();
+                let result = worker.run_until(async move {
+                    stop.cancelled().await;
+                    Ok::<(), std::io::Error>(())
+                }).await;
+                match result {
+                    Ok(()) if stopping.is_cancelled() => break,
+                    Ok(()) => tracing::warn!(worker = %name, "queue consumer ended; restarting"),
+                    Err(e) => tracing::warn!(worker = %name, error = %e, "queue consumer failed; restarting"),
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    delay = Duration::from_millis(200);
+                }
+                tokio::select! {
+                    _ = stopping.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+
+    // The apalis future is not `Send` in general, so it runs here beside the stop logic.
+    let stop_logic = async {
+    shutdown.cancelled().await;
+    tracing::info!(grace_s = cfg.shutdown_grace_s, "worker stopping: no new work; waiting for in-flight runs");
+    stopping.cancel();
+    shared.tracker.close();
+    let grace = Duration::from_secs(cfg.shutdown_grace_s);
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        tracing::warn!("grace period over: handing back in-flight runs");
+        hand_back.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), shared.tracker.wait()).await;
+    }
+    };
+    let stopped = CancellationToken::new();
+    let stop_logic = async {
+        stop_logic.await;
+        stopped.cancel();
+    };
+    // The consumer gets a few seconds after the in-flight runs to hand back its buffer.
+    let supervised = async {
+        tokio::select! {
+            _ = supervisor => {}
+            _ = async { stopped.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
+        }
+    };
+    tokio::join!(supervised, stop_logic);
+    background.cancel();
+    let _ = processes::stopped(&pool, &owner).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// One delivery from Redis. Returns `Ok` once Postgres holds the outcome (apalis'
+/// own retries are never used: ours live in Postgres), `AbortError` otherwise.
+async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
+    let exec = shared.exec.clone();
+    if exec.stopping.is_cancelled() || shared.tracker.is_closed() {
+        // Not ours to take any more: leave it queued for another worker.
+        let _ = exec.queue.push(job.run_id).await;
+        return Ok(());
+    }
+    let work = async move {
+        match runs::claim_with_recheck(&exec.pool, job.run_id, &exec.owner, exec.lease_ttl).await? {
+            ClaimOutcome::Claimed(claimed) => exec.run_chain(*claimed).await,
+            ClaimOutcome::NoDevice => {
+                tracing::debug!(run_id = %job.run_id, "no free matching device; the run waits queued");
+                Ok(())
+            }
+            ClaimOutcome::NotYet(at) => {
+                tracing::debug!(run_id = %job.run_id, not_before = %at, "delivered before its retry time");
+                Ok(())
+            }
+            ClaimOutcome::NotClaimable => Ok(()),
+        }
+    };
+    match shared.tracker.track_future(work).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!(run_id = %job.run_id, error = %e, "could not process delivery; the reconciler will re-deliver");
+            Err(Box::new(AbortError::new(e)))
+        }
+    }
+}
+
+async fn connect_with_retry(common: &CommonConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db::connect(&common.database_url, common.db_max_connections).await {
+            Ok(pool) => return Ok(Some(pool)),
+            Err(switchboard_core::CoreError::BadRequest(m)) => return Err(anyhow::anyhow!(m)).context("configuration"),
+            Err(e) => tracing::warn!(error = %e, "postgres not reachable; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn beat(pool: sqlx::PgPool, owner: String, concurrency: usize, stop: CancellationToken) {
+    let info = json!({"concurrency": concurrency, "version": env!("CARGO_PKG_VERSION")});
+    loop {
+        if let Err(e) = processes::beat(&pool, &owner, "worker", &info).await {
+            tracing::debug!(error = %e, "process heartbeat failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

@@ -459,6 +459,9 @@ pub enum Outcome {
     TimedOut { error: Value },
     /// Cancelled by a user.
     Cancelled { error: Value },
+    /// The worker is stopping: back to `queued` at once, without spending an attempt
+    /// (`attempt` grows, and so does `max_attempts`).
+    HandBack { error: Value },
 }
 
 impl Outcome {
@@ -470,13 +473,14 @@ impl Outcome {
             Outcome::Error { retry_at: None, .. } => RunStatus::Errored,
             Outcome::TimedOut { .. } => RunStatus::TimedOut,
             Outcome::Cancelled { .. } => RunStatus::Cancelled,
+            Outcome::HandBack { .. } => RunStatus::Queued,
         }
     }
     fn effect(&self) -> Effect {
         match self {
             Outcome::Passed { .. } | Outcome::Failed { .. } => Effect::Healthy,
             Outcome::Error { .. } | Outcome::TimedOut { .. } => Effect::Failure,
-            Outcome::Cancelled { .. } => Effect::Neutral,
+            Outcome::Cancelled { .. } | Outcome::HandBack { .. } => Effect::Neutral,
         }
     }
 }
@@ -513,14 +517,17 @@ pub async fn finish(
     let (result, error, retry_at) = match outcome {
         Outcome::Passed { result } | Outcome::Failed { result } => (Some(result.clone()), None, None),
         Outcome::Error { error, retry_at } => (None, Some(error.clone()), *retry_at),
-        Outcome::TimedOut { error } | Outcome::Cancelled { error } => (None, Some(error.clone()), None),
+        Outcome::TimedOut { error } | Outcome::Cancelled { error } | Outcome::HandBack { error } => {
+            (None, Some(error.clone()), None)
+        }
     };
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "UPDATE runs SET status = $4, result = $5, error = $6, finished_at = clock_timestamp(),
                 lease_owner = NULL, lease_expires_at = NULL, paused = false, updated_at = now(),
                 attempt = CASE WHEN $4 = 'queued' THEN attempt + 1 ELSE attempt END,
-                not_before = CASE WHEN $4 = 'queued' THEN $7 ELSE NULL END
+                not_before = CASE WHEN $4 = 'queued' THEN $7 ELSE NULL END,
+                max_attempts = CASE WHEN $8 THEN max_attempts + 1 ELSE max_attempts END
          WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3
          RETURNING started_at, finished_at, attempt",
     )
@@ -531,6 +538,7 @@ pub async fn finish(
     .bind(&result)
     .bind(&error)
     .bind(retry_at)
+    .bind(matches!(outcome, Outcome::HandBack { .. }))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
@@ -552,7 +560,8 @@ pub async fn finish(
             event_types::RUN_REQUEUED,
             subject,
             json!({"attempt": claimed.attempt, "next_attempt": row.try_get::<i32, _>("attempt")?,
-                   "error": error, "not_before": retry_at, "device_id": device_id, "reason": "retry"}),
+                   "error": error, "not_before": retry_at, "device_id": device_id,
+                   "reason": if matches!(outcome, Outcome::HandBack { .. }) { "handed_back" } else { "retry" }}),
         )
         .await?;
     } else {
@@ -685,4 +694,87 @@ pub async fn due_for_dispatch(pool: &PgPool, stale: Duration, limit: i64) -> Cor
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Recovery of runs whose worker stopped renewing the lease (killed, frozen, cut off):
+/// back to `queued` with `attempt + 1`, or `errored` when attempts are spent; their
+/// devices are freed. Safe to run in several processes at once (`SKIP LOCKED`).
+/// Returns the ids put back in the queue.
+pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, attempt, max_attempts, device_id, lease_owner FROM runs
+         WHERE status = 'running' AND lease_expires_at < now()
+         ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut requeued = Vec::new();
+    for row in &rows {
+        let id: Uuid = row.try_get("id")?;
+        let attempt: i32 = row.try_get("attempt")?;
+        let max_attempts: i32 = row.try_get("max_attempts")?;
+        let device_id: Option<Uuid> = row.try_get("device_id")?;
+        let owner: Option<String> = row.try_get("lease_owner")?;
+        let error = json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner});
+        if attempt < max_attempts {
+            sqlx::query(
+                "UPDATE runs SET status = 'queued', attempt = attempt + 1, lease_owner = NULL, lease_expires_at = NULL,
+                    not_before = NULL, dispatched_at = NULL, finished_at = clock_timestamp(), error = $2, paused = false,
+                    updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+            events::append(
+                &mut tx,
+                event_types::RUN_REQUEUED,
+                Subject::run(id, device_id),
+                json!({"attempt": attempt, "next_attempt": attempt + 1, "error": error, "device_id": device_id, "reason": "lease_expired"}),
+            )
+            .await?;
+            requeued.push(id);
+        } else {
+            sqlx::query(
+                "UPDATE runs SET status = 'errored', lease_owner = NULL, lease_expires_at = NULL, paused = false,
+                    finished_at = clock_timestamp(), error = $2, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+            events::append(
+                &mut tx,
+                event_types::RUN_FINISHED,
+                Subject::run(id, device_id),
+                json!({"status": "errored", "attempt": attempt, "device_id": device_id, "error": error}),
+            )
+            .await?;
+        }
+        // A dead worker says nothing about the device: free it; a probe that died is retried.
+        sqlx::query(
+            "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                breaker_state = CASE WHEN breaker_state = 'half_open' THEN 'open' ELSE breaker_state END,
+                breaker_open_until = CASE WHEN breaker_state = 'half_open' THEN now() ELSE breaker_open_until END,
+                updated_at = now()
+             WHERE lease_run_id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // Leases whose run is not running any more (should not happen; belt and braces).
+    sqlx::query(
+        "UPDATE devices d SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+         WHERE d.lease_run_id IS NOT NULL AND d.lease_expires_at < now()
+           AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = d.lease_run_id AND r.status = 'running')",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(requeued)
 }

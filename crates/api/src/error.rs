@@ -1,0 +1,109 @@
+//! The error envelope, written in one place: every non-2xx answer is
+//! `{"error": {"code", "message", "details", "request_id"}}`.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use switchboard_core::CoreError;
+
+tokio::task_local! {
+    /// The current request's id, set by the request-id middleware.
+    pub static REQUEST_ID: String;
+}
+
+pub fn current_request_id() -> String {
+    REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Value,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, code: code_for(status), message: message.into(), details: json!({}) }
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn invalid(field: &str, problem: &str) -> ApiError {
+        CoreError::invalid(field, problem).into()
+    }
+    pub fn with_details(mut self, details: Value) -> ApiError {
+        self.details = details;
+        self
+    }
+}
+
+/// The envelope code of each status.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "validation_failed",
+        429 => "rate_limited",
+        503 | 504 => "unavailable",
+        _ => "internal",
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        match e {
+            CoreError::NotFound { what } => ApiError::not_found(format!("{what} not found")),
+            CoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            CoreError::Validation { message, fields } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_details(json!({"fields": fields}))
+            }
+            CoreError::BadRequest(m) => ApiError::bad_request(m),
+            CoreError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            CoreError::Redis(m) => {
+                tracing::warn!(error = %m, "redis error");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
+            }
+            CoreError::Database(e) => {
+                // Internal errors are logged, never leaked.
+                tracing::error!(error = %e, "database error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+            CoreError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        envelope(self.status, self.code, &self.message, self.details, &current_request_id())
+    }
+}
+
+/// Builds an envelope response.
+pub fn envelope(status: StatusCode, code: &str, message: &str, details: Value, request_id: &str) -> Response {
+    let body = json!({"error": {"code": code, "message": message, "details": details, "request_id": request_id}});
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

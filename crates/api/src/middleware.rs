@@ -1,0 +1,121 @@
+//! Cross-cutting request handling: request ids, the request timeout, authentication,
+//! and turning every plain-text error (axum's own rejections, 405s, 413s) into the
+//! envelope.
+
+use std::time::Duration;
+
+use axum::{
+    body::{Body, to_bytes},
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    error::{ApiError, REQUEST_ID, envelope},
+};
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Outermost layer: assigns (or echoes) the request id, bounds the request's time, and
+/// makes sure every error answer is an envelope carrying that id.
+pub async fn request_context(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    let timeout = Duration::from_secs(state.config.request_timeout_s.max(1));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let is_ws = req.headers().get(header::UPGRADE).is_some();
+    let rid = request_id.clone();
+    let mut resp = REQUEST_ID
+        .scope(rid.clone(), async move {
+            let started = std::time::Instant::now();
+            let resp = if is_ws {
+                next.run(req).await
+            } else {
+                match tokio::time::timeout(timeout, next.run(req)).await {
+                    Ok(r) => r,
+                    Err(_) => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("request did not complete within {} s (a dependency may be unavailable)", timeout.as_secs()),
+                    )
+                    .into_response(),
+                }
+            };
+            let resp = ensure_envelope(resp, &rid).await;
+            tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, request_id = %rid, "request");
+            resp
+        })
+        .await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// An error answer that is not already JSON (axum's rejections and fallbacks) becomes an
+/// envelope, keeping the status and using the original text as the message.
+async fn ensure_envelope(resp: Response, request_id: &str) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = to_bytes(body, 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this path".to_string(),
+        StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_string(),
+        StatusCode::NOT_FOUND if text.is_empty() => "no such route".to_string(),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text,
+    };
+    let mut out = envelope(status, crate::error::code_for(status), &message, json!({}), request_id);
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// Bearer authentication for `/api/v1` (everything but the OpenAPI document).
+pub async fn require_token(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+    if req.uri().path() == "/api/v1/openapi.json" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
+    };
+    match &state.config.admin_token {
+        Some(admin) if constant_time_eq(admin.as_bytes(), presented.as_bytes()) => next.run(req).await,
+        _ => ApiError::unauthorized("invalid token").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

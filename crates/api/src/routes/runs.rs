@@ -1,0 +1,106 @@
+//! Runs: listing, one run, its events; and the shared "insert then push" of a new run.
+
+use std::collections::HashMap;
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+};
+use serde_json::{Value, json};
+use switchboard_core::{
+    model::Run,
+    repo::{
+        devices, events,
+        runs::{self, NewRun, RunFilter},
+    },
+};
+
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    extract::{QueryParams, path_id},
+};
+
+/// Inserts the run (Postgres first: guarantee 1), then pushes its id to Redis. A failed
+/// push is not an error for the client: the run is safe in Postgres and the reconciler
+/// delivers it.
+pub async fn start_run(state: &AppState, new: &NewRun) -> ApiResult<(Run, bool)> {
+    let (run, created) = runs::insert(&state.pool, new).await?;
+    if created {
+        match state.queue.push(run.id).await {
+            Ok(()) => {
+                if let Err(e) = runs::mark_dispatched(&state.pool, &[run.id]).await {
+                    tracing::warn!(run_id = %run.id, error = %e, "could not record dispatch");
+                }
+            }
+            Err(e) => tracing::warn!(run_id = %run.id, error = %e, "push to redis failed; the reconciler will deliver the run"),
+        }
+    }
+    Ok((run, created))
+}
+
+const RUN_FILTERS: &[&str] = &["status", "kind", "device_id", "parent_run_id", "schedule_id", "since", "until", "limit", "cursor"];
+
+fn run_filter(q: &QueryParams) -> ApiResult<RunFilter> {
+    Ok(RunFilter {
+        status: q.parse("status")?,
+        kind: q.parse("kind")?,
+        device_id: q.uuid("device_id")?,
+        parent_run_id: q.uuid("parent_run_id")?,
+        schedule_id: q.uuid("schedule_id")?,
+        since: q.time("since")?,
+        until: q.time("until")?,
+    })
+}
+
+pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+    let q = QueryParams::new(q, RUN_FILTERS)?;
+    let filter = run_filter(&q)?;
+    let page = runs::list(&state.pool, &filter, q.limit()?, q.cursor()?).await?;
+    Ok(Json(json!(page)))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+    let id = path_id("run", &id)?;
+    Ok(Json(runs::get(&state.pool, id).await?))
+}
+
+/// `GET /api/v1/runs/{id}/events?after=<event id>&limit=` in order; `next_cursor` is the
+/// last event id when more follow.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let id = path_id("run", &id)?;
+    let q = QueryParams::new(q, &["after", "cursor", "limit"])?;
+    let limit = q.limit()?;
+    let after = match (q.int("after")?, q.str("cursor")) {
+        (Some(a), _) => a,
+        (None, Some(c)) => c.parse::<i64>().map_err(|_| ApiError::invalid("cursor", "is not a cursor this API returned"))?,
+        (None, None) => 0,
+    };
+    if !runs::exists(&state.pool, id).await? {
+        return Err(ApiError::not_found(format!("run {id} not found")));
+    }
+    let mut items = events::for_run(&state.pool, id, after, limit + 1).await?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next = if more { items.last().map(|e| e.id.to_string()) } else { None };
+    Ok(Json(json!({"items": items, "next_cursor": next})))
+}
+
+/// `GET /api/v1/devices/{id}/runs`: the device's run history, newest first.
+pub async fn for_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let id = path_id("device", &id)?;
+    let q = QueryParams::new(q, &["status", "kind", "since", "until", "limit", "cursor"])?;
+    devices::get(&state.pool, id).await?;
+    let mut filter = run_filter(&q)?;
+    filter.device_id = Some(id);
+    let page = runs::list(&state.pool, &filter, q.limit()?, q.cursor()?).await?;
+    Ok(Json(json!(page)))
+}

@@ -1,0 +1,79 @@
+//! Wake-ups: apalis-redis only fetches when polled, and its push does not signal
+//! workers, so the queue adapter PUBLISHes on `{namespace}:wake` after every push and
+//! this subscriber turns each message into an immediate poll of every local apalis
+//! worker. The fallback poll interval covers lost messages and Redis outages.
+
+use std::{sync::{Arc, Mutex}, time::Duration};
+
+use futures::{StreamExt, channel::mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Fans wake-ups out to the apalis workers of this process.
+#[derive(Clone, Default)]
+pub struct WakeHub {
+    senders: Arc<Mutex<Vec<mpsc::Sender<()>>>>,
+}
+
+impl WakeHub {
+    /// A stream that yields once per wake-up (coalesced), for one apalis worker.
+    pub fn subscribe(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        if let Ok(mut senders) = self.senders.lock() {
+            senders.push(tx);
+        }
+        rx
+    }
+
+    pub fn wake_all(&self) {
+        if let Ok(mut senders) = self.senders.lock() {
+            // A full channel already has a wake-up pending; a closed one is dropped.
+            senders.retain_mut(|tx| match tx.try_send(()) {
+                Ok(()) => true,
+                Err(e) => !e.is_disconnected(),
+            });
+        }
+    }
+
+    /// Listens on the wake channel until `stop`, reconnecting with backoff.
+    pub async fn listen(self, redis_url: String, channel: String, stop: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match subscribe(&redis_url, &channel).await {
+                Ok(mut pubsub) => {
+                    delay = Duration::from_millis(100);
+                    // Whatever was pushed while we were away is fetched now.
+                    self.wake_all();
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            msg = messages.next() => match msg {
+                                Some(_) => self.wake_all(),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("wake-up subscription lost; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wake-ups; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+async fn subscribe(redis_url: &str, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = redis::Client::open(redis_url)?;
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}
