@@ -1,1 +1,5 @@
+//! Black-box tests: the real `switchboard` binary against the real Postgres and Redis.
+//! One test binary (compile time is scarce); one module per feature.
 
+mod foundation;
+mod harness;

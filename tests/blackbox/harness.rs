@@ -1,0 +1,369 @@
+//! Test harness: each test gets its own database and Redis namespace, starts the real
+//! `switchboard` binary as separate processes, and talks HTTP to it. Everything is
+//! removed on drop (processes killed, database dropped, namespace keys deleted).
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchboard")
+}
+
+fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// One test's private world.
+pub struct Env {
+    pub db: String,
+    pub database_url: String,
+    pub namespace: String,
+    pub log_dir: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Env {
+    /// A fresh database (migrated by the real binary) and namespace.
+    pub fn new() -> Env {
+        let db = unique("sbt");
+        let env = Env {
+            database_url: format!("{PG_BASE}/{db}"),
+            namespace: unique("sbt"),
+            log_dir: std::env::temp_dir().join("switchboard-tests").join(&db),
+            db,
+            extra_env: Vec::new(),
+        };
+        std::fs::create_dir_all(&env.log_dir).expect("log dir");
+        let out = Command::new(bin())
+            .arg("migrate")
+            .env("DATABASE_URL", &env.database_url)
+            .env("REDIS_URL", redis_url())
+            .output()
+            .expect("run migrate");
+        assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+        env
+    }
+
+    /// Same database and namespace, with a different Postgres URL for the processes
+    /// (through a proxy, say).
+    pub fn with_database_url(&self, url: &str) -> Vec<(String, String)> {
+        vec![("DATABASE_URL".into(), url.into())]
+    }
+
+    fn command(&self, role: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg(role)
+            .env("DATABASE_URL", &self.database_url)
+            .env("REDIS_URL", redis_url())
+            .env("SWITCHBOARD_NAMESPACE", &self.namespace)
+            .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SWITCHBOARD_API_ADDR", "127.0.0.1:0")
+            .env("SWITCHBOARD_DB_MAX_CONNECTIONS", "8")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        let mut n = 0;
+        loop {
+            let path = self.log_dir.join(format!("{name}-{n}.log"));
+            if !path.exists() {
+                return std::fs::File::create(path).expect("log file");
+            }
+            n += 1;
+        }
+    }
+
+    /// Starts `switchboard api` and waits for its address.
+    pub fn api(&self, env: &[(&str, &str)]) -> Api {
+        let mut cmd = self.command("api", env);
+        cmd.stdout(Stdio::piped()).stderr(self.log_file("api"));
+        let mut child = cmd.spawn().expect("spawn api");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("switchboard api listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(20)).expect("api did not report its address");
+        Api { proc: Proc { child: Some(child), name: "api".into() }, base, client: client() }
+    }
+
+    pub fn worker(&self, env: &[(&str, &str)]) -> Proc {
+        self.spawn("worker", env)
+    }
+
+    pub fn scheduler(&self, env: &[(&str, &str)]) -> Proc {
+        self.spawn("scheduler", env)
+    }
+
+    fn spawn(&self, role: &str, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = self.command(role, env);
+        cmd.stdout(Stdio::null()).stderr(self.log_file(role));
+        Proc { child: Some(cmd.spawn().expect("spawn")), name: role.into() }
+    }
+
+    /// A direct Postgres connection to this test's database (for assertions only).
+    pub async fn pg(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await.expect("pg")
+    }
+
+    /// A direct Redis connection (for fault injection on this test's namespace only).
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.expect("redis")
+    }
+
+    /// Keys of this test's namespace.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let mut conn = self.redis().await;
+        scan(&mut conn, &format!("{}:*", self.namespace)).await
+    }
+
+    /// Deletes every Redis key of this test's namespace.
+    pub async fn delete_redis_keys(&self) -> usize {
+        let mut conn = self.redis().await;
+        let keys = scan(&mut conn, &format!("{}:*", self.namespace)).await;
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await.expect("del");
+        }
+        keys.len()
+    }
+}
+
+async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(conn).await.expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let db = self.db.clone();
+        let ns = self.namespace.clone();
+        // Drop runs outside any runtime guarantee: clean up on a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            rt.block_on(async move {
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{PG_BASE}/postgres")).await {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+                }
+                if let Ok(client) = redis::Client::open(redis_url())
+                    && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                {
+                    let keys = scan(&mut conn, &format!("{ns}:*")).await;
+                    for chunk in keys.chunks(500) {
+                        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A child process, killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+    pub fn sigkill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT);
+    }
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+    /// Waits for the process to exit; its exit code (None if killed by a signal or still
+    /// running after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+/// The API process and an HTTP client for it.
+pub struct Api {
+    pub proc: Proc,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+/// A response: status, headers and JSON body (Null when empty or not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Api {
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> Resp {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp { status, headers, body }
+    }
+    pub async fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, None, Some(ADMIN_TOKEN)).await
+    }
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.request("POST", path, Some(body), Some(ADMIN_TOKEN)).await
+    }
+    pub async fn patch(&self, path: &str, body: Value) -> Resp {
+        self.request("PATCH", path, Some(body), Some(ADMIN_TOKEN)).await
+    }
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.request("DELETE", path, None, Some(ADMIN_TOKEN)).await
+    }
+
+    /// Registers a sim device and returns it.
+    pub async fn device(&self, serial: &str, pool: &str, sim: Value) -> Value {
+        let r = self
+            .post("/api/v1/devices", json!({"serial": serial, "pool": pool, "driver": "sim", "model": "Pixel 8", "metadata": {"sim": sim}}))
+            .await;
+        assert_eq!(r.status, 201, "create device: {:?}", r.body);
+        r.body
+    }
+
+    /// Starts a module run; returns the 202 body.
+    pub async fn start(&self, module: &str, body: Value) -> Value {
+        let r = self.post(&format!("/api/v1/modules/{module}/runs"), body).await;
+        assert_eq!(r.status, 202, "start run: {:?}", r.body);
+        r.body
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let r = self.get(&format!("/api/v1/runs/{id}")).await;
+        assert_eq!(r.status, 200, "get run: {:?}", r.body);
+        r.body
+    }
+
+    /// Polls a run until it is terminal (or panics after `timeout`).
+    pub async fn wait_terminal(&self, id: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let run = self.run(id).await;
+            let status = run["status"].as_str().unwrap_or_default();
+            if !matches!(status, "queued" | "running") {
+                return run;
+            }
+            assert!(start.elapsed() < timeout, "run {id} still {status} after {timeout:?}: {run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let r = self.get(&format!("/api/v1/runs/{id}/events?limit=500")).await;
+        assert_eq!(r.status, 200);
+        r.body["items"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Waits until `f` returns Some, polling every 100 ms.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn types(events: &[Value]) -> Vec<String> {
+    events.iter().map(|e| e["type"].as_str().unwrap_or_default().to_string()).collect()
+}
