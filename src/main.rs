@@ -1,5 +1,7 @@
 //! `switchboard`: one binary, one subcommand per role.
 
+mod bench;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -46,6 +48,12 @@ enum Command {
         #[command(flatten)]
         common: CommonConfig,
     },
+    /// Measure a deployment (its own, started and removed) against raw Postgres, Redis
+    /// and HTTP round trips taken in the same run.
+    Bench {
+        #[command(flatten)]
+        bench: bench::BenchConfig,
+    },
     /// Everything in one process, with a simulated device farm: for trying Switchboard.
     Dev {
         #[command(flatten)]
@@ -80,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
             migrate(&common).await?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::Bench { bench } => {
+            telemetry::init("text");
+            bench::run(bench).await
         }
         Command::Dev { common, api, worker, scheduler } => {
             telemetry::init(&common.log_format);

@@ -76,7 +76,7 @@ impl Env {
             .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SWITCHBOARD_API_ADDR", "127.0.0.1:0")
             .env("SWITCHBOARD_DB_MAX_CONNECTIONS", "8")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("SB_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null());
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
@@ -366,4 +366,56 @@ where
 
 pub fn types(events: &[Value]) -> Vec<String> {
     events.iter().map(|e| e["type"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// A TCP proxy the test owns, to cut a process off from Postgres (or Redis) without
+/// touching the shared server. `cut` drops every connection and refuses new ones until
+/// `restore`.
+pub struct Proxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let state = std::sync::Arc::new(ProxyState { cut: false.into(), generation });
+        let upstream = upstream.to_string();
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if st.cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut gen_rx = st.generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = gen_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn cut(&self) {
+        self.state.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -13,7 +13,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderValue, Method, header},
     middleware::from_fn_with_state,
-    routing::get,
+    routing::{get, post},
 };
 use sqlx::PgPool;
 use switchboard_core::{
@@ -39,20 +39,22 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     use routes::*;
     let v1 = Router::new()
-        .route("/openapi.json", get(openapi::document))
         .route("/devices", get(devices::list).post(devices::create))
         .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
         .route("/devices/{id}/runs", get(runs::for_device))
+        .route("/devices/{id}/breaker/reset", post(devices::reset_breaker))
         .route("/modules", get(modules::list))
         .route("/modules/{id}", get(modules::get))
-        .route("/modules/{id}/runs", axum::routing::post(modules::start))
+        .route("/modules/{id}/runs", post(modules::start))
         .route("/runs", get(runs::list))
         .route("/runs/{id}", get(runs::get))
         .route("/runs/{id}/events", get(runs::events))
+        .route("/runs/{id}/cancel", post(runs::cancel))
         .route_layer(from_fn_with_state(state.clone(), middleware::require_token));
     let mut app = Router::new()
         .route("/health", get(health::live))
         .route("/health/full", get(health::full))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

@@ -63,6 +63,10 @@ impl Keys {
     pub fn wake_channel(&self) -> String {
         format!("{}:wake", self.namespace)
     }
+    /// Pub/sub channel of control messages to workers (`cancel:<run id>`).
+    pub fn control_channel(&self) -> String {
+        format!("{}:control", self.namespace)
+    }
     /// Pattern matching every key of this namespace.
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)
@@ -141,12 +145,86 @@ impl Queue {
         }
     }
 
+    /// Asks whichever worker runs `run_id` to check it now (it was cancelled). Best
+    /// effort: the lease heartbeat notices within a third of the lease TTL anyway.
+    pub async fn signal_cancel(&self, run_id: Uuid) {
+        let mut conn = self.conn.clone();
+        let res: redis::RedisResult<i64> = conn.publish(self.keys.control_channel(), format!("cancel:{run_id}")).await;
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "cancel signal publish failed");
+        }
+    }
+
     /// Round trip to Redis, for health checks.
     pub async fn ping(&self) -> CoreResult<Duration> {
         let mut conn = self.conn.clone();
         let start = Instant::now();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(start.elapsed())
+    }
+
+    /// Removes what apalis keeps of finished deliveries (the `done` and `dead` sets, their
+    /// data-hash fields and meta hashes) and of workers gone for `worker_gone`, in
+    /// batches of `batch` so Redis is never blocked for long. Postgres holds the history;
+    /// Redis only ever needs what is still to be delivered. Returns the entries removed.
+    pub async fn trim(&self, batch: usize, max_batches: usize, worker_gone: Duration) -> CoreResult<usize> {
+        let cfg = self.keys.apalis_config(1);
+        let mut conn = self.conn.clone();
+        let mut removed = 0;
+        for set in [cfg.done_jobs_set(), cfg.dead_jobs_set()] {
+            for _ in 0..max_batches {
+                let ids: Vec<String> = redis::cmd("SPOP").arg(&set).arg(batch).query_async(&mut conn).await?;
+                if ids.is_empty() {
+                    break;
+                }
+                let mut pipe = redis::pipe();
+                pipe.cmd("HDEL").arg(cfg.job_data_hash()).arg(&ids).ignore();
+                let metas: Vec<String> = ids.iter().map(|id| format!("{}:{id}", cfg.job_meta_hash())).collect();
+                pipe.cmd("DEL").arg(&metas).ignore();
+                let _: () = pipe.query_async(&mut conn).await?;
+                removed += ids.len();
+                if ids.len() < batch {
+                    break;
+                }
+            }
+        }
+        // Workers that stopped heartbeating long ago, with nothing in flight.
+        let cutoff = chrono::Utc::now().timestamp() - worker_gone.as_secs() as i64;
+        let gone: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(cfg.workers_set())
+            .arg(0)
+            .arg(cutoff)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(batch)
+            .query_async(&mut conn)
+            .await?;
+        for name in gone {
+            let inflight = format!("{}:{name}", cfg.inflight_jobs_set());
+            let busy: u64 = redis::cmd("SCARD").arg(&inflight).query_async(&mut conn).await?;
+            if busy == 0 {
+                let _: () = redis::pipe()
+                    .cmd("ZREM").arg(cfg.workers_set()).arg(&name).ignore()
+                    .cmd("DEL").arg(format!("{}:workers:metadata:{name}", self.keys.runs_queue())).ignore()
+                    .query_async(&mut conn)
+                    .await?;
+                removed += 1;
+            }
+        }
+        // Metadata of workers no longer registered at all (apalis never deletes it).
+        let pattern = format!("{}:workers:metadata:*", self.keys.runs_queue());
+        let (_, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(0).arg("MATCH").arg(&pattern).arg("COUNT").arg(batch).query_async(&mut conn).await?;
+        let prefix = format!("{}:workers:metadata:", self.keys.runs_queue());
+        for key in keys {
+            let name = key.trim_start_matches(&prefix).to_string();
+            let score: Option<f64> = redis::cmd("ZSCORE").arg(cfg.workers_set()).arg(&name).query_async(&mut conn).await?;
+            if score.is_none() {
+                let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Jobs waiting in Redis (pending plus scheduled), for system info.

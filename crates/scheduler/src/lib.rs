@@ -32,6 +32,12 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying next interval"),
         }
+        // Bounded Redis memory: trim finished deliveries, 500 at a time.
+        match queue.trim(500, 40, Duration::from_secs(600)).await {
+            Ok(n) if n > 0 => tracing::debug!(removed = n, "trimmed finished deliveries from redis"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "redis trim failed; retrying next interval"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}

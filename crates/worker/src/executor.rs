@@ -2,6 +2,7 @@
 //! under the run's timeout, and writes the outcome (fenced by the attempt number).
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -43,9 +44,18 @@ pub struct Executor {
     pub hand_back: CancellationToken,
     /// Cancelled when the worker stops taking work.
     pub stopping: CancellationToken,
+    /// Runs in flight here: a nudge makes their heartbeat check Postgres at once.
+    pub inflight: Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Notify>>>,
 }
 
 impl Executor {
+    /// A control message said `run_id` changed (cancelled): check it now.
+    pub fn nudge(&self, run_id: uuid::Uuid) {
+        if let Some(n) = self.inflight.lock().expect("inflight lock").get(&run_id) {
+            n.notify_one();
+        }
+    }
+
     /// Runs a claimed run, then keeps the slot busy with the best queued run its device
     /// can serve (the release hand-off), until there is none or the worker is stopping.
     pub async fn run_chain(self: &Arc<Self>, first: Claimed) -> CoreResult<()> {
@@ -72,7 +82,9 @@ impl Executor {
         let started_at = Utc::now();
         let cancel = CancellationToken::new();
         let reason: Arc<Mutex<Option<Interrupt>>> = Arc::default();
-        let heartbeat = tokio::spawn(self.clone().heartbeat(claimed.clone(), cancel.clone(), reason.clone()));
+        let nudge = Arc::new(tokio::sync::Notify::new());
+        self.inflight.lock().expect("inflight lock").insert(claimed.run.id, nudge.clone());
+        let heartbeat = tokio::spawn(self.clone().heartbeat(claimed.clone(), cancel.clone(), reason.clone(), nudge));
 
         let timeout = Duration::from_secs(claimed.run.timeout_s.max(1) as u64);
         let module = catalog::find(&claimed.run.target);
@@ -88,6 +100,7 @@ impl Executor {
         };
         cancel.cancel();
         heartbeat.abort();
+        self.inflight.lock().expect("inflight lock").remove(&claimed.run.id);
         let interrupt = *reason.lock().expect("interrupt lock");
 
         let (outcome, step_status) = match result {
@@ -164,7 +177,13 @@ impl Executor {
 
     /// Renews the leases every third of the TTL; interrupts the module when the run is
     /// cancelled, the lease is lost, or the grace period of a stopping worker is over.
-    async fn heartbeat(self: Arc<Self>, claimed: Claimed, cancel: CancellationToken, reason: Arc<Mutex<Option<Interrupt>>>) {
+    async fn heartbeat(
+        self: Arc<Self>,
+        claimed: Claimed,
+        cancel: CancellationToken,
+        reason: Arc<Mutex<Option<Interrupt>>>,
+        nudge: Arc<tokio::sync::Notify>,
+    ) {
         let every = (self.lease_ttl / 3).max(Duration::from_millis(200));
         let interrupt = |why: Interrupt| {
             let mut r = reason.lock().expect("interrupt lock");
@@ -176,6 +195,7 @@ impl Executor {
                 _ = cancel.cancelled() => return,
                 _ = self.hand_back.cancelled() => { interrupt(Interrupt::Shutdown); return; }
                 _ = tokio::time::sleep(every) => {}
+                _ = nudge.notified() => {}
             }
             match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await {
                 Ok(Renewal::Held { cancel_requested: true, .. }) => interrupt(Interrupt::Cancelled),

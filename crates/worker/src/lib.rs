@@ -56,12 +56,17 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
         retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
         hand_back: hand_back.clone(),
         stopping: stopping.clone(),
+        inflight: Default::default(),
     });
     let shared = Shared { exec, tracker: TaskTracker::new() };
 
     let hub = WakeHub::default();
+    {
+        let exec = shared.exec.clone();
+        hub.on_cancel(Arc::new(move |run_id| exec.nudge(run_id)));
+    }
     let background = CancellationToken::new();
-    tokio::spawn(hub.clone().listen(common.redis_url.clone(), keys.wake_channel(), background.clone()));
+    tokio::spawn(hub.clone().listen(common.redis_url.clone(), keys.wake_channel(), keys.control_channel(), background.clone()));
     tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
 
     // Supervisor: an apalis worker ends when Redis misbehaves (a fetch error marks it

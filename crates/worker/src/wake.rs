@@ -7,11 +7,17 @@ use std::{sync::{Arc, Mutex}, time::Duration};
 
 use futures::{StreamExt, channel::mpsc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-/// Fans wake-ups out to the apalis workers of this process.
+/// Called with the run id of each `cancel:<run id>` control message.
+pub type CancelHook = Arc<dyn Fn(Uuid) + Send + Sync>;
+
+/// Fans wake-ups out to the apalis workers of this process, and control messages to
+/// the executor.
 #[derive(Clone, Default)]
 pub struct WakeHub {
     senders: Arc<Mutex<Vec<mpsc::Sender<()>>>>,
+    on_cancel: Arc<Mutex<Option<CancelHook>>>,
 }
 
 impl WakeHub {
@@ -34,14 +40,29 @@ impl WakeHub {
         }
     }
 
-    /// Listens on the wake channel until `stop`, reconnecting with backoff.
-    pub async fn listen(self, redis_url: String, channel: String, stop: CancellationToken) {
+    pub fn on_cancel(&self, hook: CancelHook) {
+        if let Ok(mut h) = self.on_cancel.lock() {
+            *h = Some(hook);
+        }
+    }
+
+    fn control(&self, payload: &str) {
+        if let Some(id) = payload.strip_prefix("cancel:").and_then(|s| Uuid::parse_str(s).ok()) {
+            let hook = self.on_cancel.lock().ok().and_then(|h| h.clone());
+            if let Some(hook) = hook {
+                hook(id);
+            }
+        }
+    }
+
+    /// Listens on the wake and control channels until `stop`, reconnecting with backoff.
+    pub async fn listen(self, redis_url: String, channel: String, control: String, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            match subscribe(&redis_url, &channel).await {
+            match subscribe(&redis_url, &[&channel, &control]).await {
                 Ok(mut pubsub) => {
                     delay = Duration::from_millis(100);
                     // Whatever was pushed while we were away is fetched now.
@@ -51,6 +72,9 @@ impl WakeHub {
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             msg = messages.next() => match msg {
+                                Some(msg) if msg.get_channel_name() == control => {
+                                    self.control(&msg.get_payload::<String>().unwrap_or_default());
+                                }
                                 Some(_) => self.wake_all(),
                                 None => break,
                             },
@@ -69,11 +93,13 @@ impl WakeHub {
     }
 }
 
-async fn subscribe(redis_url: &str, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+async fn subscribe(redis_url: &str, channels: &[&str]) -> redis::RedisResult<redis::aio::PubSub> {
     let client = redis::Client::open(redis_url)?;
     let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
         .await
         .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
-    pubsub.subscribe(channel).await?;
+    for channel in channels {
+        pubsub.subscribe(*channel).await?;
+    }
     Ok(pubsub)
 }

@@ -37,6 +37,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let body = json_body(&headers, &body)?;
     let new = NewDevice::parse(&body)?;
     let device = devices::create(&state.pool, &new).await?;
+    crate::routes::runs::dispatch_waiting(&state, device.id).await;
     Ok((StatusCode::CREATED, Json(device)))
 }
 
@@ -50,6 +51,7 @@ pub async fn update(State(state): State<AppState>, Path(id): Path<String>, heade
     let body = json_body(&headers, &body)?;
     let patch = DevicePatch::parse(&body)?;
     let device = devices::update(&state.pool, id, &patch).await?;
+    crate::routes::runs::dispatch_waiting(&state, device.id).await;
     Ok(Json(device))
 }
 
@@ -57,4 +59,13 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
     let id = path_id("device", &id)?;
     devices::delete(&state.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/devices/{id}/breaker/reset`: closes the breaker; waiting runs may use
+/// the device at once.
+pub async fn reset_breaker(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Device>> {
+    let id = path_id("device", &id)?;
+    let device = devices::reset_breaker(&state.pool, id).await?;
+    crate::routes::runs::dispatch_waiting(&state, id).await;
+    Ok(Json(device))
 }

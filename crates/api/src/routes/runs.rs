@@ -104,3 +104,45 @@ pub async fn for_device(
     let page = runs::list(&state.pool, &filter, q.limit()?, q.cursor()?).await?;
     Ok(Json(json!(page)))
 }
+
+/// `POST /api/v1/runs/{id}/cancel`: a queued run is cancelled at once; a running one is
+/// interrupted by its worker (signalled through Redis, noticed by the lease heartbeat
+/// otherwise) and its device released. Answers with the run after, waiting up to 3 s
+/// for a running one to stop; 409 on a terminal run.
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+    let id = path_id("run", &id)?;
+    match runs::cancel(&state.pool, id, "cancelled by request").await? {
+        runs::CancelOutcome::Terminal(status) => Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            format!("run {id} is already {status}; a terminal run never changes"),
+        )
+        .with_details(json!({"status": status}))),
+        runs::CancelOutcome::Cancelled => Ok(Json(runs::get(&state.pool, id).await?)),
+        runs::CancelOutcome::Requested => {
+            state.queue.signal_cancel(id).await;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            loop {
+                let run = runs::get(&state.pool, id).await?;
+                if run.status.is_terminal() || std::time::Instant::now() >= deadline {
+                    return Ok(Json(run));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Pushes the queued runs a device could serve now (it joined, came back, or had its
+/// breaker reset), so new capacity is used at once.
+pub async fn dispatch_waiting(state: &AppState, device_id: uuid::Uuid) {
+    let ids = match runs::waiting_for_device(&state.pool, device_id, 8).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for waiting runs");
+            return;
+        }
+    };
+    if !ids.is_empty() && state.queue.push_many(&ids).await.is_ok() {
+        let _ = runs::mark_dispatched(&state.pool, &ids).await;
+    }
+}

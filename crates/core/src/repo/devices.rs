@@ -395,3 +395,29 @@ pub async fn any_matching(pool: &PgPool, selector: &Value) -> CoreResult<bool> {
     let sql = concat!("SELECT EXISTS (SELECT 1 FROM devices d WHERE d.status <> 'retired' AND ", selector_matches!("$1::jsonb"), ")");
     Ok(sqlx::query_scalar(sql).bind(selector).fetch_one(pool).await?)
 }
+
+/// Closes a device's breaker by hand (`POST /devices/{id}/breaker/reset`).
+pub async fn reset_breaker(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
+    let mut tx = pool.begin().await?;
+    let before: Option<String> = sqlx::query_scalar("SELECT breaker_state FROM devices WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(before) = before else { return Err(CoreError::not_found(format!("device {id}"))) };
+    let row = sqlx::query(
+        "WITH d AS (UPDATE devices SET breaker_state = 'closed', breaker_failures = 0, breaker_trips = 0,
+                breaker_open_until = NULL, updated_at = now() WHERE id = $1 RETURNING *)
+         SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
+                d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
+                d.lease_expires_at, d.metadata, d.created_at, d.updated_at FROM d",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let device = from_row(&row)?;
+    if before != "closed" {
+        events::append(&mut tx, "device.breaker_closed", Subject::device(id), json!({"reason": "reset", "was": before})).await?;
+    }
+    tx.commit().await?;
+    Ok(device)
+}

@@ -276,11 +276,14 @@ pub async fn claim(pool: &PgPool, run_id: Uuid, owner: &str, ttl: Duration) -> C
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT status, selector, kind, not_before, (not_before IS NOT NULL AND not_before > now()) AS later
-         FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED",
+         FROM runs WHERE id = $1 FOR UPDATE",
     )
     .bind(run_id)
     .fetch_optional(&mut *tx)
     .await?;
+    // Wait for the row rather than SKIP LOCKED: every other writer of a run row (the
+    // API recording its dispatch, a cancel, another claimer) holds it for a moment,
+    // and skipping would drop this delivery while the run stays queued.
     let Some(row) = row else { return Ok(ClaimOutcome::NotClaimable) };
     let status: String = row.try_get("status")?;
     let kind: String = row.try_get("kind")?;
@@ -680,16 +683,24 @@ pub fn module_step(claimed: &Claimed, status: StepStatus, started_at: DateTime<U
     }
 }
 
-/// Queued runs due for (re)delivery: never pushed, or pushed more than `stale` ago and
-/// still queued (Redis lost them, or they wait for a device).
+/// Queued runs due for (re)delivery, best first: never pushed (a lost push), or pushed
+/// more than `stale` ago and still queued while a matching device is free now (Redis
+/// lost the job, or the device recovered: breaker cooldown over, back online). Runs
+/// that wait for a busy device are left alone: the releasing worker hands the device
+/// over.
 pub async fn due_for_dispatch(pool: &PgPool, stale: Duration, limit: i64) -> CoreResult<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM runs
-         WHERE status = 'queued' AND kind <> 'campaign' AND (not_before IS NULL OR not_before <= now())
-           AND ((dispatched_at IS NULL AND queued_at < now() - interval '2 seconds')
-                OR dispatched_at < now() - make_interval(secs => $1))
-         ORDER BY priority DESC, queued_at LIMIT $2",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT r.id FROM runs r
+         WHERE r.status = 'queued' AND r.kind <> 'campaign' AND (r.not_before IS NULL OR r.not_before <= now())
+           AND ((r.dispatched_at IS NULL AND r.queued_at < now() - interval '2 seconds')
+                OR (r.dispatched_at < now() - make_interval(secs => $1)
+                    AND EXISTS (SELECT 1 FROM devices d WHERE ",
+        claimable!(),
+        " AND ",
+        selector_matches!("r.selector"),
+        ")))
+         ORDER BY r.priority DESC, r.queued_at LIMIT $2"
+    ))
     .bind(stale.as_secs_f64())
     .bind(limit)
     .fetch_all(pool)
@@ -777,4 +788,78 @@ pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>>
     .await?;
     tx.commit().await?;
     Ok(requeued)
+}
+
+/// Queued runs (best first) that this device could serve now: pushed again when a
+/// device joins, comes back online or has its breaker reset.
+pub async fn waiting_for_device(pool: &PgPool, device_id: Uuid, limit: i64) -> CoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT r.id FROM runs r, devices d WHERE d.id = $1 AND ",
+        claimable!(),
+        " AND r.status = 'queued' AND r.kind <> 'campaign' AND (r.not_before IS NULL OR r.not_before <= now())
+           AND r.selector IS NOT NULL AND ",
+        selector_matches!("r.selector"),
+        " ORDER BY r.priority DESC, r.queued_at LIMIT $2"
+    ))
+    .bind(device_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// What a cancel request did.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// It was queued: now `cancelled`.
+    Cancelled,
+    /// It is running: its worker is asked to interrupt it.
+    Requested,
+    /// Already terminal: nothing changed.
+    Terminal(RunStatus),
+}
+
+/// Cancels a queued run at once, or asks the worker of a running one to interrupt it.
+pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> CoreResult<CancelOutcome> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query("SELECT status, attempt, device_id FROM runs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| CoreError::not_found(format!("run {id}")))?;
+    let status: RunStatus = decode("status", row.try_get("status")?)?;
+    let attempt: i32 = row.try_get("attempt")?;
+    let device_id: Option<Uuid> = row.try_get("device_id")?;
+    let outcome = match status {
+        RunStatus::Queued => {
+            let error = json!({"kind": "cancelled", "message": reason});
+            sqlx::query(
+                "UPDATE runs SET status = 'cancelled', finished_at = clock_timestamp(), error = $2, not_before = NULL,
+                    cancel_requested = true, updated_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+            events::append(
+                &mut tx,
+                event_types::RUN_FINISHED,
+                Subject::run(id, device_id),
+                json!({"status": "cancelled", "attempt": attempt, "error": error}),
+            )
+            .await?;
+            CancelOutcome::Cancelled
+        }
+        RunStatus::Running => {
+            sqlx::query("UPDATE runs SET cancel_requested = true, updated_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            events::append(&mut tx, "run.cancel_requested", Subject::run(id, device_id), json!({"attempt": attempt, "reason": reason}))
+                .await?;
+            CancelOutcome::Requested
+        }
+        terminal => CancelOutcome::Terminal(terminal),
+    };
+    tx.commit().await?;
+    Ok(outcome)
 }

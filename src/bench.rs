@@ -1,0 +1,329 @@
+//! `switchboard bench`: measures a deployment with simulated devices, beside a baseline
+//! of raw Postgres, Redis and HTTP round trips taken in the same run, so the figures
+//! can be read as ratios on any machine.
+//!
+//! By default it starts its own deployment (a fresh database and Redis namespace, one
+//! `api` and one `worker` child process of this binary) and removes it afterwards.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use switchboard_core::db;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchConfig {
+    /// Postgres server to create the bench database on (its database name is ignored).
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/switchboard")]
+    pub database_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Simulated devices (zero latency) registered for the bench.
+    #[arg(long, default_value_t = 32)]
+    pub devices: usize,
+    /// Runs per throughput round.
+    #[arg(long, default_value_t = 2000)]
+    pub runs: usize,
+    /// Runs started one at a time with idle workers, for enqueue-to-start latency.
+    #[arg(long, default_value_t = 200)]
+    pub latency_samples: usize,
+    /// Rounds of each measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Worker concurrency of the bench's worker process.
+    #[arg(long, default_value_t = 32)]
+    pub worker_concurrency: usize,
+    /// Concurrent HTTP clients submitting runs.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const TOKEN: &str = "bench-admin-token";
+
+struct Deployment {
+    children: Vec<Child>,
+    base: String,
+    pool: PgPool,
+    admin_url: String,
+    db: String,
+    namespace: String,
+    redis_url: String,
+}
+
+impl Deployment {
+    async fn start(cfg: &BenchConfig) -> anyhow::Result<Deployment> {
+        let suffix: String = (0..10).map(|_| fastrand::alphanumeric().to_ascii_lowercase()).collect();
+        let db = format!("switchboard_bench_{suffix}");
+        let (server, _) = cfg.database_url.rsplit_once('/').context("DATABASE_URL needs a database path")?;
+        let url = format!("{server}/{db}");
+        db::create_database_if_missing(&url).await?;
+        let pool = db::connect(&url, 8).await?;
+        db::migrate(&pool).await?;
+        let namespace = format!("sbbench_{suffix}");
+        let exe = std::env::current_exe()?;
+        let envs = [
+            ("DATABASE_URL", url.clone()),
+            ("REDIS_URL", cfg.redis_url.clone()),
+            ("SWITCHBOARD_NAMESPACE", namespace.clone()),
+            ("SWITCHBOARD_ADMIN_TOKEN", TOKEN.to_string()),
+            ("SWITCHBOARD_API_ADDR", "127.0.0.1:0".to_string()),
+            ("SWITCHBOARD_WORKER_CONCURRENCY", cfg.worker_concurrency.to_string()),
+            ("SWITCHBOARD_DB_MAX_CONNECTIONS", "32".to_string()),
+            ("RUST_LOG", "warn".to_string()),
+        ];
+        let mut api = Command::new(&exe);
+        api.arg("api").envs(envs.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut api = api.spawn()?;
+        let stdout = api.stdout.take().context("api stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("switchboard api listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(20)).context("api did not start")?;
+        let worker = Command::new(&exe)
+            .arg("worker")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Deployment {
+            children: vec![api, worker],
+            base,
+            pool,
+            admin_url: format!("{server}/postgres"),
+            db,
+            namespace,
+            redis_url: cfg.redis_url.clone(),
+        })
+    }
+
+    fn rss_kib(&self) -> Vec<u64> {
+        self.children
+            .iter()
+            .map(|c| {
+                std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+                    .ok()
+                    .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.pool.close().await;
+        if let Ok(admin) = db::connect(&self.admin_url, 2).await {
+            let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
+        }
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.namespace)).query_async(&mut conn).await.unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn stats(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    percentile(&xs, 0.5)
+}
+
+async fn timed<F, Fut, T>(n: usize, mut f: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(out)
+}
+
+async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let resp = http
+        .post(format!("{base}/api/v1/modules/sleep/runs"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"params": {"ms": 0}, "device": {"pool": "bench"}}))
+        .send()
+        .await?;
+    if resp.status().as_u16() != 202 {
+        bail!("start run answered {}", resp.status());
+    }
+    let body: Value = resp.json().await?;
+    Ok(body["id"].as_str().unwrap_or_default().to_string())
+}
+
+async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").fetch_one(pool).await?;
+        if left == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("{left} runs still unfinished after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn run(cfg: BenchConfig) -> anyhow::Result<()> {
+    let dep = Deployment::start(&cfg).await?;
+    let result = measure(&cfg, &dep).await;
+    dep.stop().await;
+    let report = result?;
+    if cfg.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&cfg, &report);
+    }
+    Ok(())
+}
+
+async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    for i in 0..cfg.devices {
+        let r = http
+            .post(format!("{}/api/v1/devices", dep.base))
+            .bearer_auth(TOKEN)
+            .json(&json!({"serial": format!("bench-{i:03}"), "pool": "bench", "driver": "sim"}))
+            .send()
+            .await?;
+        if r.status().as_u16() != 201 {
+            bail!("registering a device answered {}", r.status());
+        }
+    }
+    let redis_client = redis::Client::open(cfg.redis_url.as_str())?;
+    let redis_conn = redis_client.get_multiplexed_async_connection().await?;
+    // Warm up every path once.
+    let id = start_run(&http, &dep.base).await?;
+    wait_idle(&dep.pool, Duration::from_secs(30)).await?;
+
+    let mut rounds = Vec::new();
+    for round in 0..cfg.rounds {
+        eprintln!("round {}/{} ...", round + 1, cfg.rounds);
+        let pg = timed(300, || async { sqlx::query("SELECT 1").execute(&dep.pool).await.map(|_| ()).map_err(Into::into) }).await?;
+        let rd = timed(300, || {
+            let mut c = redis_conn.clone();
+            async move { redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()).map_err(Into::into) }
+        })
+        .await?;
+        let health = timed(300, || async { http.get(format!("{}/health", dep.base)).send().await?.bytes().await.map(|_| ()).map_err(Into::into) }).await?;
+        let get_run = timed(300, || async {
+            http.get(format!("{}/api/v1/runs/{id}", dep.base)).bearer_auth(TOKEN).send().await?.bytes().await.map(|_| ()).map_err(Into::into)
+        })
+        .await?;
+
+        // Enqueue-to-start with idle workers: one run at a time.
+        let mut lat_ids = Vec::new();
+        let mut post = Vec::new();
+        for _ in 0..cfg.latency_samples {
+            let t = Instant::now();
+            lat_ids.push(start_run(&http, &dep.base).await?);
+            post.push(t.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        wait_idle(&dep.pool, Duration::from_secs(60)).await?;
+        let uuids: Vec<uuid::Uuid> = lat_ids.iter().filter_map(|s| uuid::Uuid::parse_str(s).ok()).collect();
+        let rows = sqlx::query("SELECT extract(epoch FROM (started_at - queued_at)) * 1000 AS ms FROM runs WHERE id = ANY ($1)")
+            .bind(&uuids)
+            .fetch_all(&dep.pool)
+            .await?;
+        let e2s: Vec<f64> = rows.iter().filter_map(|r| r.try_get::<f64, _>("ms").ok()).collect();
+
+        // Throughput: many clients submit `runs` zero-length runs.
+        let t0 = Instant::now();
+        let per_client = cfg.runs / cfg.clients.max(1);
+        let mut tasks = Vec::new();
+        for _ in 0..cfg.clients.max(1) {
+            let http = http.clone();
+            let base = dep.base.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per_client {
+                    start_run(&http, &base).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let submit_s = t0.elapsed().as_secs_f64();
+        wait_idle(&dep.pool, Duration::from_secs(600)).await?;
+        let total_s = t0.elapsed().as_secs_f64();
+        let submitted = per_client * cfg.clients.max(1);
+        rounds.push(json!({
+            "pg_ms": stats(pg), "redis_ms": stats(rd), "http_health_ms": stats(health), "api_get_run_ms": stats(get_run),
+            "api_post_run_ms": stats(post), "enqueue_to_start_ms": stats(e2s),
+            "enqueue_per_s": submitted as f64 / submit_s, "end_to_end_runs_per_s": submitted as f64 / total_s,
+        }));
+    }
+    let rss = dep.rss_kib();
+    let pick = |key: &str, i: usize| median(rounds.iter().map(|r| r[key][i].as_f64().unwrap_or(f64::NAN)).collect());
+    let pick1 = |key: &str| median(rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect());
+    let e2s_p50 = pick("enqueue_to_start_ms", 0);
+    let pg_p50 = pick("pg_ms", 0);
+    Ok(json!({
+        "config": {"devices": cfg.devices, "runs_per_round": cfg.runs, "latency_samples": cfg.latency_samples, "rounds": cfg.rounds,
+                   "worker_concurrency": cfg.worker_concurrency, "clients": cfg.clients},
+        "baseline": {"postgres_select1_ms": {"p50": pg_p50, "p99": pick("pg_ms", 1)},
+                     "redis_ping_ms": {"p50": pick("redis_ms", 0), "p99": pick("redis_ms", 1)},
+                     "http_health_ms": {"p50": pick("http_health_ms", 0), "p99": pick("http_health_ms", 1)}},
+        "enqueue_to_start_ms": {"p50": e2s_p50, "p99": pick("enqueue_to_start_ms", 1), "p50_in_postgres_round_trips": e2s_p50 / pg_p50},
+        "api_ms": {"post_run": {"p50": pick("api_post_run_ms", 0), "p99": pick("api_post_run_ms", 1)},
+                   "get_run": {"p50": pick("api_get_run_ms", 0), "p99": pick("api_get_run_ms", 1)}},
+        "throughput": {"enqueue_per_s": pick1("enqueue_per_s"), "end_to_end_runs_per_s": pick1("end_to_end_runs_per_s")},
+        "memory_rss_mib": {"api": rss.first().copied().unwrap_or(0) as f64 / 1024.0, "worker": rss.get(1).copied().unwrap_or(0) as f64 / 1024.0},
+        "rounds": rounds,
+    }))
+}
+
+fn print_report(cfg: &BenchConfig, r: &Value) {
+    let f = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    println!("switchboard bench: {} sim devices, worker concurrency {}, {} rounds (medians)", cfg.devices, cfg.worker_concurrency, cfg.rounds);
+    println!("  baseline  postgres SELECT 1   p50 {} ms  p99 {} ms", f(&r["baseline"]["postgres_select1_ms"]["p50"]), f(&r["baseline"]["postgres_select1_ms"]["p99"]));
+    println!("  baseline  redis PING          p50 {} ms  p99 {} ms", f(&r["baseline"]["redis_ping_ms"]["p50"]), f(&r["baseline"]["redis_ping_ms"]["p99"]));
+    println!("  baseline  GET /health         p50 {} ms  p99 {} ms", f(&r["baseline"]["http_health_ms"]["p50"]), f(&r["baseline"]["http_health_ms"]["p99"]));
+    println!("  enqueue-to-start (idle)       p50 {} ms  p99 {} ms  (p50 = {} postgres round trips)", f(&r["enqueue_to_start_ms"]["p50"]), f(&r["enqueue_to_start_ms"]["p99"]), f(&r["enqueue_to_start_ms"]["p50_in_postgres_round_trips"]));
+    println!("  API POST .../runs             p50 {} ms  p99 {} ms", f(&r["api_ms"]["post_run"]["p50"]), f(&r["api_ms"]["post_run"]["p99"]));
+    println!("  API GET /runs/{{id}}            p50 {} ms  p99 {} ms", f(&r["api_ms"]["get_run"]["p50"]), f(&r["api_ms"]["get_run"]["p99"]));
+    println!("  enqueue throughput            {} runs/s ({} clients)", f(&r["throughput"]["enqueue_per_s"]), cfg.clients);
+    println!("  end-to-end throughput         {} runs/s ({} runs per round)", f(&r["throughput"]["end_to_end_runs_per_s"]), cfg.runs);
+    println!("  memory (RSS)                  api {} MiB, worker {} MiB", f(&r["memory_rss_mib"]["api"]), f(&r["memory_rss_mib"]["worker"]));
+}
