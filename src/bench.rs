@@ -261,7 +261,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         }
         wait_idle(&dep.pool, Duration::from_secs(60)).await?;
         let uuids: Vec<uuid::Uuid> = lat_ids.iter().filter_map(|s| uuid::Uuid::parse_str(s).ok()).collect();
-        let rows = sqlx::query("SELECT extract(epoch FROM (started_at - queued_at)) * 1000 AS ms FROM runs WHERE id = ANY ($1)")
+        let rows = sqlx::query("SELECT (extract(epoch FROM (started_at - queued_at)) * 1000)::float8 AS ms FROM runs WHERE id = ANY ($1)")
             .bind(&uuids)
             .fetch_all(&dep.pool)
             .await?;

@@ -417,3 +417,46 @@ async fn redis_memory_returns_to_idle_after_five_thousand_runs() {
     .await;
     eprintln!("redis namespace: idle {idle_keys} keys / {idle_bytes} B; after 5000 runs and trimming {keys} keys / {bytes} B");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_pool_survives_losing_its_redis_keys() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _scheduler = env.scheduler(FAST);
+    let _w = env.worker(FAST);
+    api.device("dur-live-flush-1", "lab", json!({})).await;
+    let first = api.start("sleep", json!({"params": {"ms": 5}, "device": {"pool": "lab"}})).await;
+    api.wait_terminal(first["id"].as_str().unwrap(), Duration::from_secs(20)).await;
+    // The worker's registration, queue and everything else vanish under it.
+    assert!(env.delete_redis_keys().await > 0);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(api.start("sleep", json!({"params": {"ms": 5}, "device": {"pool": "lab"}})).await["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let r = api.wait_terminal(id, Duration::from_secs(40)).await;
+        assert_eq!(r["status"], "succeeded", "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_device_goes_to_the_highest_priority_then_oldest_waiting_run() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "4")]);
+    api.device("dur-prio-1", "solo", json!({})).await;
+    let blocker = api.start("sleep", json!({"params": {"ms": 1000}, "device": {"pool": "solo"}})).await;
+    let blocker_id = blocker["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "blocker running", || async { (api.run(&blocker_id).await["status"] == "running").then_some(()) }).await;
+    let low_old = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 1})).await;
+    let high_old = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 8})).await;
+    let high_new = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 8})).await;
+    let mut order = Vec::new();
+    for (name, r) in [("low_old", &low_old), ("high_old", &high_old), ("high_new", &high_new)] {
+        let r = api.wait_terminal(r["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+        order.push((ts(&r["started_at"]), name));
+    }
+    order.sort();
+    let names: Vec<&str> = order.iter().map(|(_, n)| *n).collect();
+    assert_eq!(names, ["high_old", "high_new", "low_old"]);
+}
