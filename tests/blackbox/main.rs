@@ -4,3 +4,4 @@
 mod durability;
 mod foundation;
 mod harness;
+mod orchestration;

@@ -161,6 +161,9 @@ pub struct Run {
     pub lease: Option<Lease>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<RunStep>>,
+    /// For a campaign run: how many children are in each status, and `total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children: Option<Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -187,6 +190,9 @@ pub mod event_types {
     pub const RUN_WAITING: &str = "run.waiting";
     pub const RUN_REQUEUED: &str = "run.requeued";
     pub const RUN_LATE_WRITE_REFUSED: &str = "run.late_write_refused";
+    pub const RUN_PAUSED: &str = "run.paused";
+    pub const RUN_RESUMED: &str = "run.resumed";
+    pub const RUN_CANCEL_REQUESTED: &str = "run.cancel_requested";
     pub const DEVICE_CREATED: &str = "device.created";
     pub const DEVICE_UPDATED: &str = "device.updated";
     pub const DEVICE_DELETED: &str = "device.deleted";

@@ -10,7 +10,7 @@ use switchboard_core::{
     config::{CommonConfig, SchedulerConfig},
     db, ids,
     queue::Queue,
-    repo::{processes, runs},
+    repo::{campaigns, processes, runs},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,15 @@ pub async fn reconcile(pool: &PgPool, queue: &Queue, stale: Duration) -> CoreRes
     }
     let due = runs::due_for_dispatch(pool, stale, 1000).await?;
     recovered.extend(due);
+    // Campaigns whose advancing process died between a child's end and the next
+    // admission are moved on here.
+    for parent in campaigns::running(pool, 200).await? {
+        let a = campaigns::advance(pool, parent).await?;
+        recovered.extend(a.admit);
+        for id in a.signal {
+            queue.signal_cancel(id).await;
+        }
+    }
     recovered.sort();
     recovered.dedup();
     for chunk in recovered.chunks(200) {

@@ -12,9 +12,13 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use switchboard_core::{
     CoreResult, catalog,
-    model::StepStatus,
+    model::{RunKind, RunStep, StepStatus},
     queue::Queue,
-    repo::runs::{self, BreakerPolicy, Claimed, Finished, Outcome, Renewal},
+    repo::{
+        campaigns,
+        runs::{self, BreakerPolicy, Claimed, Finished, Outcome, Renewal},
+        workflows::WorkflowStep,
+    },
     retry,
 };
 use tokio_util::sync::CancellationToken;
@@ -79,63 +83,22 @@ impl Executor {
     }
 
     async fn execute_inner(self: &Arc<Self>, claimed: Claimed) -> CoreResult<Finished> {
-        let started_at = Utc::now();
         let cancel = CancellationToken::new();
         let reason: Arc<Mutex<Option<Interrupt>>> = Arc::default();
         let nudge = Arc::new(tokio::sync::Notify::new());
         self.inflight.lock().expect("inflight lock").insert(claimed.run.id, nudge.clone());
         let heartbeat = tokio::spawn(self.clone().heartbeat(claimed.clone(), cancel.clone(), reason.clone(), nudge));
+        let attempt = Attempt { claimed: &claimed, cancel: cancel.clone(), reason: reason.clone() };
 
-        let timeout = Duration::from_secs(claimed.run.timeout_s.max(1) as u64);
-        let module = catalog::find(&claimed.run.target);
-        let result = match module {
-            None => Some(Err(DriverError::Driver(format!("module {:?} is not in this worker's catalog", claimed.run.target)))),
-            Some(module) => {
-                let work = self.run_module(&claimed, module, cancel.clone());
-                tokio::select! {
-                    r = work => Some(r),
-                    _ = tokio::time::sleep(timeout) => None,
-                }
-            }
+        let (outcome, steps) = match claimed.run.kind {
+            RunKind::Workflow => self.execute_workflow(&attempt).await?,
+            _ => self.execute_module_run(&attempt).await,
         };
         cancel.cancel();
         heartbeat.abort();
         self.inflight.lock().expect("inflight lock").remove(&claimed.run.id);
-        let interrupt = *reason.lock().expect("interrupt lock");
 
-        let (outcome, step_status) = match result {
-            None => (
-                Outcome::TimedOut { error: json!({"kind": "timeout", "message": format!("run exceeded its timeout of {} s", claimed.run.timeout_s)}) },
-                StepStatus::TimedOut,
-            ),
-            Some(Ok(Verdict::Passed(r))) => (Outcome::Passed { result: r }, StepStatus::Passed),
-            Some(Ok(Verdict::Failed(r))) => (Outcome::Failed { result: r }, StepStatus::Failed),
-            Some(Err(e)) => match interrupt {
-                Some(Interrupt::Cancelled) => (
-                    Outcome::Cancelled { error: json!({"kind": "cancelled", "message": "cancelled while running"}) },
-                    StepStatus::Cancelled,
-                ),
-                Some(Interrupt::Shutdown) => (
-                    Outcome::HandBack { error: json!({"kind": "worker_stopping", "message": "handed back by a stopping worker", "worker": self.owner}) },
-                    StepStatus::Cancelled,
-                ),
-                _ => {
-                    let retry_at = (claimed.attempt < claimed.run.max_attempts).then(|| {
-                        let delay = retry::delay_after(claimed.attempt, self.retry_base, self.retry_max);
-                        Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()
-                    });
-                    (Outcome::Error { error: error_json(&e), retry_at }, StepStatus::Errored)
-                }
-            },
-        };
-        let (step_result, step_error) = match &outcome {
-            Outcome::Passed { result } | Outcome::Failed { result } => (Some(result.clone()), None),
-            Outcome::Error { error, .. } | Outcome::TimedOut { error } | Outcome::Cancelled { error } | Outcome::HandBack { error } => {
-                (None, Some(error.clone()))
-            }
-        };
-        let step = runs::module_step(&claimed, step_status, started_at, step_result, step_error);
-        let finished = runs::finish(&self.pool, &claimed, &self.owner, &outcome, &[step], self.breaker).await?;
+        let finished = runs::finish(&self.pool, &claimed, &self.owner, &outcome, &steps, self.breaker).await?;
         match (&finished, &outcome) {
             (Finished::Written(status), Outcome::Error { retry_at: Some(at), .. }) => {
                 tracing::info!(status = %status, retry_at = %at, "attempt failed; retry scheduled");
@@ -148,17 +111,238 @@ impl Executor {
             (Finished::Written(status), _) => tracing::info!(status = %status, "run finished"),
             (Finished::Refused, _) => {}
         }
+        if let (Finished::Written(status), Some(parent)) = (&finished, claimed.run.parent_run_id)
+            && status.is_terminal()
+        {
+            self.advance_campaign(parent).await;
+        }
         Ok(finished)
+    }
+
+    /// A child finished: let its campaign admit the next children (or finish).
+    async fn advance_campaign(&self, parent: uuid::Uuid) {
+        match campaigns::advance(&self.pool, parent).await {
+            Ok(a) => {
+                if !a.admit.is_empty() && self.queue.push_many(&a.admit).await.is_err() {
+                    tracing::warn!(campaign_run = %parent, "could not push admitted children; the reconciler will");
+                }
+                for id in a.signal {
+                    self.queue.signal_cancel(id).await;
+                }
+            }
+            Err(e) => tracing::warn!(campaign_run = %parent, error = %e, "could not advance the campaign; the reconciler will"),
+        }
+    }
+
+    /// One module run: the module under the run's timeout, recorded as step 0.
+    async fn execute_module_run(&self, a: &Attempt<'_>) -> (Outcome, Vec<RunStep>) {
+        let claimed = a.claimed;
+        let started_at = Utc::now();
+        let timeout = Duration::from_secs(claimed.run.timeout_s.max(1) as u64);
+        let result = match catalog::find(&claimed.run.target) {
+            None => Some(Err(DriverError::Driver(format!("module {:?} is not in this worker's catalog", claimed.run.target)))),
+            Some(module) => {
+                let work = self.run_module(claimed, module, &claimed.run.params, a.cancel.clone());
+                tokio::select! {
+                    r = work => Some(r),
+                    _ = tokio::time::sleep(timeout) => None,
+                }
+            }
+        };
+        let timeout_msg = format!("run exceeded its timeout of {} s", claimed.run.timeout_s);
+        let (outcome, step_status) = self.outcome_of(a, result, &timeout_msg, |r| r);
+        let (step_result, step_error) = outcome_parts(&outcome);
+        (outcome, vec![runs::module_step(claimed, step_status, started_at, step_result, step_error)])
+    }
+
+    /// Maps a module's result to the run's outcome and the step's status. `wrap` turns
+    /// a verdict's result into the run's result.
+    fn outcome_of(
+        &self,
+        a: &Attempt<'_>,
+        result: Option<Result<Verdict, DriverError>>,
+        timeout_msg: &str,
+        wrap: impl Fn(Value) -> Value,
+    ) -> (Outcome, StepStatus) {
+        let interrupt = *a.reason.lock().expect("interrupt lock");
+        match result {
+            None => (Outcome::TimedOut { error: json!({"kind": "timeout", "message": timeout_msg}) }, StepStatus::TimedOut),
+            Some(Ok(Verdict::Passed(r))) => (Outcome::Passed { result: wrap(r) }, StepStatus::Passed),
+            Some(Ok(Verdict::Failed(r))) => (Outcome::Failed { result: wrap(r) }, StepStatus::Failed),
+            Some(Err(e)) => match interrupt {
+                Some(Interrupt::Cancelled) => (
+                    Outcome::Cancelled { error: json!({"kind": "cancelled", "message": "cancelled while running"}) },
+                    StepStatus::Cancelled,
+                ),
+                Some(Interrupt::Shutdown) => (
+                    Outcome::HandBack { error: json!({"kind": "worker_stopping", "message": "handed back by a stopping worker", "worker": self.owner}) },
+                    StepStatus::Cancelled,
+                ),
+                _ => (Outcome::Error { error: error_json(&e), retry_at: self.retry_at(a.claimed) }, StepStatus::Errored),
+            },
+        }
+    }
+
+    fn retry_at(&self, claimed: &Claimed) -> Option<chrono::DateTime<Utc>> {
+        (claimed.attempt < claimed.run.max_attempts).then(|| {
+            let delay = retry::delay_after(claimed.attempt, self.retry_base, self.retry_max);
+            Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()
+        })
+    }
+
+    /// A workflow: its steps in order on the one claimed device, each recorded as it
+    /// goes. A retry resumes at the first step that did not pass (steps that failed
+    /// with `continue_on_failure` stay done). Pauses are honoured between steps; time
+    /// spent paused does not count against the run's timeout.
+    async fn execute_workflow(&self, a: &Attempt<'_>) -> CoreResult<(Outcome, Vec<RunStep>)> {
+        let claimed = a.claimed;
+        let steps: Vec<WorkflowStep> = serde_json::from_value(claimed.run.definition["steps"].clone()).unwrap_or_default();
+        let previous = runs::steps(&self.pool, claimed.run.id).await?;
+        let done = |i: usize| {
+            previous.iter().any(|p| {
+                p.index == i as i32
+                    && (p.status == StepStatus::Passed || (p.status == StepStatus::Failed && steps[i].continue_on_failure))
+            })
+        };
+        let first = (0..steps.len()).find(|i| !done(*i)).unwrap_or(steps.len());
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(claimed.run.timeout_s.max(1) as u64);
+        let summary = |statuses: &[(usize, StepStatus)]| {
+            let passed = statuses.iter().filter(|(_, s)| *s == StepStatus::Passed).count();
+            let tolerated: Vec<usize> = statuses.iter().filter(|(_, s)| *s == StepStatus::Failed).map(|(i, _)| *i).collect();
+            json!({"steps": steps.len(), "passed": passed, "tolerated_failures": tolerated})
+        };
+        let mut statuses: Vec<(usize, StepStatus)> = previous
+            .iter()
+            .filter(|p| (p.index as usize) < first)
+            .map(|p| (p.index as usize, p.status))
+            .collect();
+
+        for (i, step) in steps.iter().enumerate().skip(first) {
+            // Between steps: honour pause and cancel.
+            let paused_at = tokio::time::Instant::now();
+            loop {
+                match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await? {
+                    Renewal::Lost => {
+                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
+                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                    }
+                    Renewal::Held { cancel_requested: true, .. } => {
+                        let error = json!({"kind": "cancelled", "message": format!("cancelled before step {i}")});
+                        return Ok((Outcome::Cancelled { error }, runs::skipped_steps(claimed, i)));
+                    }
+                    Renewal::Held { paused: true, .. } => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = self.hand_back.cancelled() => {
+                                let error = json!({"kind": "worker_stopping", "message": "handed back while paused", "worker": self.owner});
+                                return Ok((Outcome::HandBack { error }, vec![]));
+                            }
+                        }
+                    }
+                    Renewal::Held { .. } => break,
+                }
+            }
+            deadline += paused_at.elapsed();
+            let Some(module) = catalog::find(&step.module) else {
+                let error = json!({"kind": "driver_error", "message": format!("module {:?} is not in this worker's catalog", step.module)});
+                return Ok((Outcome::Error { error, retry_at: None }, runs::skipped_steps(claimed, i + 1)));
+            };
+            let step_attempt = previous.iter().find(|p| p.index == i as i32).map(|p| p.attempt).unwrap_or(0) + 1;
+            let started_at = Utc::now();
+            let mut record = RunStep {
+                index: i as i32,
+                module: step.module.clone(),
+                params: step.params.clone(),
+                status: StepStatus::Running,
+                attempt: step_attempt,
+                started_at: Some(started_at),
+                finished_at: None,
+                result: None,
+                error: None,
+            };
+            if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
+                let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
+                return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+            }
+            let step_budget = Duration::from_secs(step.effective_timeout_s().max(1) as u64);
+            let run_left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (limit, which) = if step_budget <= run_left { (step_budget, "step") } else { (run_left, "run") };
+            let work = self.run_module(claimed, module, &step.params, a.cancel.clone());
+            let result = tokio::select! {
+                r = work => Some(r),
+                _ = tokio::time::sleep(limit) => None,
+            };
+            let timeout_msg = if which == "step" {
+                format!("step {i} ({}) exceeded its timeout of {} s", step.module, step.effective_timeout_s())
+            } else {
+                format!("run exceeded its timeout of {} s during step {i}", claimed.run.timeout_s)
+            };
+            let (outcome, step_status) = self.outcome_of(a, result, &timeout_msg, |r| r);
+            let (result, error) = outcome_parts(&outcome);
+            record.status = step_status;
+            record.finished_at = Some(Utc::now());
+            record.result = result;
+            record.error = error;
+            statuses.push((i, step_status));
+            let last = i + 1 == steps.len();
+            match outcome {
+                Outcome::Passed { .. } => {
+                    if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
+                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
+                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                    }
+                    if last {
+                        return Ok((Outcome::Passed { result: summary(&statuses) }, vec![]));
+                    }
+                }
+                Outcome::Failed { .. } if step.continue_on_failure => {
+                    if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
+                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
+                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                    }
+                    if last {
+                        return Ok((Outcome::Passed { result: summary(&statuses) }, vec![]));
+                    }
+                }
+                Outcome::Failed { result } => {
+                    let mut steps_out = vec![record];
+                    steps_out.extend(runs::skipped_steps(claimed, i + 1));
+                    let mut r = summary(&statuses);
+                    r["failed_step"] = json!({"index": i, "module": step.module, "result": result});
+                    return Ok((Outcome::Failed { result: r }, steps_out));
+                }
+                Outcome::Error { mut error, retry_at } => {
+                    // Retried from this step, not from the start.
+                    error["step"] = json!(i);
+                    let mut steps_out = vec![record];
+                    if retry_at.is_none() {
+                        steps_out.extend(runs::skipped_steps(claimed, i + 1));
+                    }
+                    return Ok((Outcome::Error { error, retry_at }, steps_out));
+                }
+                Outcome::HandBack { error } => {
+                    record.status = StepStatus::Pending;
+                    return Ok((Outcome::HandBack { error }, vec![record]));
+                }
+                other @ (Outcome::TimedOut { .. } | Outcome::Cancelled { .. }) => {
+                    let mut steps_out = vec![record];
+                    steps_out.extend(runs::skipped_steps(claimed, i + 1));
+                    return Ok((other, steps_out));
+                }
+            }
+        }
+        Ok((Outcome::Passed { result: summary(&statuses) }, vec![]))
     }
 
     async fn run_module(
         &self,
         claimed: &Claimed,
         module: &'static catalog::ModuleSpec,
+        params: &Value,
         cancel: CancellationToken,
     ) -> Result<Verdict, DriverError> {
         if module.id == "sleep" {
-            return sleep_module(&claimed.run.params, cancel).await;
+            return sleep_module(params, cancel).await;
         }
         let Some(driver) = self.drivers.get(claimed.device.driver) else {
             return Err(DriverError::Unavailable(claimed.device.driver.to_string()));
@@ -169,7 +353,7 @@ impl Executor {
                 attempt: claimed.attempt,
                 device: &claimed.device,
                 module,
-                params: &claimed.run.params,
+                params,
                 cancel,
             })
             .await
@@ -221,6 +405,22 @@ impl Executor {
                 let _ = runs::mark_dispatched(&pool, &[run_id]).await;
             }
         });
+    }
+}
+
+/// The state of one attempt that the pieces of execution share.
+struct Attempt<'a> {
+    claimed: &'a Claimed,
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<Interrupt>>>,
+}
+
+fn outcome_parts(outcome: &Outcome) -> (Option<Value>, Option<Value>) {
+    match outcome {
+        Outcome::Passed { result } | Outcome::Failed { result } => (Some(result.clone()), None),
+        Outcome::Error { error, .. } | Outcome::TimedOut { error } | Outcome::Cancelled { error } | Outcome::HandBack { error } => {
+            (None, Some(error.clone()))
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use switchboard_core::{
     catalog,
     input::Fields,
-    model::{RunKind, Trigger},
+    model::RunKind,
     repo::{devices, runs::NewRun},
     selector::Selector,
 };
@@ -75,28 +75,23 @@ pub async fn start(
     if !devices::any_matching(&state.pool, &selector.to_json()).await? {
         return Err(ApiError::invalid("device", "no registered device matches this selector"));
     }
-    let new = NewRun {
-        kind: RunKind::Module,
-        target: module.id.to_string(),
-        definition: json!({"module": module.id, "params": params, "timeout_s": timeout_s}),
+    let mut new = NewRun::new(
+        RunKind::Module,
+        module.id.to_string(),
+        json!({"module": module.id, "params": params, "timeout_s": timeout_s}),
         params,
-        selector: Some(selector),
-        priority,
-        timeout_s,
-        max_attempts,
-        trigger: Trigger::Api,
-        schedule_id: None,
-        scheduled_for: None,
-        parent_run_id: None,
-        retry_of: None,
-        idempotency_key: idempotency_key(&headers)?,
-    };
+        Some(selector),
+    );
+    new.priority = priority;
+    new.timeout_s = timeout_s;
+    new.max_attempts = max_attempts;
+    new.idempotency_key = idempotency_key(&headers)?;
     let (run, created) = start_run(&state, &new).await?;
     let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(run)))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => match v.to_str() {

@@ -4,13 +4,17 @@ use std::collections::HashMap;
 
 use axum::{
     Json,
+    body::Bytes,
     extract::{Path, Query, State},
+    http::HeaderMap,
+    response::IntoResponse,
 };
 use serde_json::{Value, json};
 use switchboard_core::{
-    model::Run,
+    input::Fields,
+    model::{Run, RunKind, Trigger},
     repo::{
-        devices, events,
+        campaigns, devices, events,
         runs::{self, NewRun, RunFilter},
     },
 };
@@ -18,7 +22,8 @@ use switchboard_core::{
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{QueryParams, path_id},
+    extract::{QueryParams, json_body, path_id},
+    routes::modules::idempotency_key,
 };
 
 /// Inserts the run (Postgres first: guarantee 1), then pushes its id to Redis. A failed
@@ -111,25 +116,132 @@ pub async fn for_device(
 /// for a running one to stop; 409 on a terminal run.
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     let id = path_id("run", &id)?;
-    match runs::cancel(&state.pool, id, "cancelled by request").await? {
-        runs::CancelOutcome::Terminal(status) => Err(ApiError::new(
+    let outcome = runs::cancel(&state.pool, id, "cancelled by request").await?;
+    if let runs::CancelOutcome::Terminal(status) = outcome {
+        return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
             format!("run {id} is already {status}; a terminal run never changes"),
         )
-        .with_details(json!({"status": status}))),
-        runs::CancelOutcome::Cancelled => Ok(Json(runs::get(&state.pool, id).await?)),
-        runs::CancelOutcome::Requested => {
-            state.queue.signal_cancel(id).await;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-            loop {
-                let run = runs::get(&state.pool, id).await?;
-                if run.status.is_terminal() || std::time::Instant::now() >= deadline {
-                    return Ok(Json(run));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        .with_details(json!({"status": status})));
+    }
+    let run = runs::get(&state.pool, id).await?;
+    // A campaign cascades to its children; a child lets its campaign move on.
+    if run.kind == RunKind::Campaign {
+        advance_campaign(&state, id).await?;
+    } else if let Some(parent) = run.parent_run_id {
+        advance_campaign(&state, parent).await?;
+    }
+    if matches!(outcome, runs::CancelOutcome::Requested) && run.kind != RunKind::Campaign {
+        state.queue.signal_cancel(id).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let run = runs::get(&state.pool, id).await?;
+        if run.status.is_terminal() || std::time::Instant::now() >= deadline {
+            return Ok(Json(run));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn advance_campaign(state: &AppState, parent: uuid::Uuid) -> ApiResult<()> {
+    let a = campaigns::advance(&state.pool, parent).await?;
+    if !a.admit.is_empty() {
+        let _ = state.queue.push_many(&a.admit).await;
+    }
+    for child in a.signal {
+        state.queue.signal_cancel(child).await;
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/runs/{id}/pause`: a running workflow stops before its next step and
+/// keeps its device lease while paused.
+pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+    let id = path_id("run", &id)?;
+    runs::set_paused(&state.pool, id, true).await?;
+    Ok(Json(runs::get(&state.pool, id).await?))
+}
+
+/// `POST /api/v1/runs/{id}/resume`.
+pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+    let id = path_id("run", &id)?;
+    runs::set_paused(&state.pool, id, false).await?;
+    Ok(Json(runs::get(&state.pool, id).await?))
+}
+
+/// `POST /api/v1/runs/{id}/retry` `{failed_only?}`: a new run of the same snapshot
+/// (`trigger: retry`, `retry_of` set). For a campaign run, `failed_only: true` retries
+/// only its failed, errored and timed-out children.
+pub async fn retry(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let id = path_id("run", &id)?;
+    let original = runs::get(&state.pool, id).await?;
+    let body = json_body(&headers, &body)?;
+    let mut f = Fields::new(&body, &["failed_only"])?;
+    let failed_only = f.opt_bool("failed_only").unwrap_or(false);
+    if failed_only && original.kind != RunKind::Campaign {
+        f.errors.insert("failed_only".into(), "only applies to campaign runs".into());
+    }
+    f.finish()?;
+    if !original.status.is_terminal() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            format!("run {id} is still {}; only a finished run can be retried", original.status),
+        ));
+    }
+    let key = idempotency_key(&headers)?;
+    let (run, created) = if original.kind == RunKind::Campaign {
+        let mut children: Vec<campaigns::ChildSpec> = serde_json::from_value(original.definition["items"].clone())
+            .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("unreadable campaign snapshot: {e}")))?;
+        if failed_only {
+            let failed: Vec<i32> = sqlx::query_scalar(
+                "SELECT parent_index FROM runs WHERE parent_run_id = $1 AND status IN ('failed', 'errored', 'timed_out')",
+            )
+            .bind(id)
+            .fetch_all(&state.pool)
+            .await
+            .map_err(switchboard_core::CoreError::from)?;
+            children.retain(|c| failed.contains(&c.index));
+            if children.is_empty() {
+                return Err(ApiError::new(axum::http::StatusCode::CONFLICT, format!("campaign run {id} has no failed or errored children")));
             }
         }
-    }
+        let d = &original.definition;
+        let campaign_id = uuid::Uuid::parse_str(&original.target).unwrap_or_default();
+        let start = campaigns::CampaignStart {
+            priority: original.priority,
+            trigger: Trigger::Retry,
+            schedule_id: None,
+            scheduled_for: None,
+            retry_of: Some(id),
+            idempotency_key: key,
+        };
+        let (run, created, advance) = campaigns::start_run(
+            &state.pool,
+            campaign_id,
+            d["name"].as_str().unwrap_or_default(),
+            d["version"].as_i64().unwrap_or(1) as i32,
+            d["stop_on_failure"].as_bool().unwrap_or(false),
+            d["max_parallel"].as_i64().unwrap_or(10) as i32,
+            &children,
+            &start,
+        )
+        .await?;
+        if !advance.admit.is_empty() {
+            let _ = state.queue.push_many(&advance.admit).await;
+        }
+        (run, created)
+    } else {
+        let mut new = NewRun::new(original.kind, original.target.clone(), original.definition.clone(), original.params.clone(), original.selector.clone());
+        new.priority = original.priority;
+        new.timeout_s = original.timeout_s;
+        new.max_attempts = original.max_attempts;
+        new.trigger = Trigger::Retry;
+        new.retry_of = Some(id);
+        new.idempotency_key = key;
+        start_run(&state, &new).await?
+    };
+    Ok((if created { axum::http::StatusCode::ACCEPTED } else { axum::http::StatusCode::OK }, Json(run)))
 }
 
 /// Pushes the queued runs a device could serve now (it joined, came back, or had its

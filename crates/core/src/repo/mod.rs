@@ -4,3 +4,5 @@ pub mod devices;
 pub mod events;
 pub mod processes;
 pub mod runs;
+pub mod workflows;
+pub mod campaigns;

@@ -84,6 +84,7 @@ fn from_row(r: &PgRow) -> Result<Run, sqlx::Error> {
         error: r.try_get("error")?,
         lease: lease_owner.map(|owner| Lease { run_id: id, owner, expires_at: r.try_get("lease_expires_at").ok().flatten() }),
         steps: None,
+        children: None,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -120,16 +121,61 @@ pub struct NewRun {
     pub parent_run_id: Option<Uuid>,
     pub retry_of: Option<Uuid>,
     pub idempotency_key: Option<String>,
+    /// A campaign child waits held until its campaign admits it.
+    pub held: bool,
+    pub parent_index: Option<i32>,
+}
+
+impl NewRun {
+    /// A run of `kind`/`target` with the defaults every trigger shares.
+    pub fn new(kind: RunKind, target: String, definition: Value, params: Value, selector: Option<Selector>) -> NewRun {
+        NewRun {
+            kind,
+            target,
+            definition,
+            params,
+            selector,
+            priority: 5,
+            timeout_s: 3600,
+            max_attempts: 3,
+            trigger: Trigger::Api,
+            schedule_id: None,
+            scheduled_for: None,
+            parent_run_id: None,
+            retry_of: None,
+            idempotency_key: None,
+            held: false,
+            parent_index: None,
+        }
+    }
 }
 
 /// Inserts a queued run and its `run.queued` event in one transaction. With an
 /// idempotency key already used, returns the first run and `false`.
 pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
     let mut tx = pool.begin().await?;
+    let Some(run) = insert_tx(&mut tx, new, RunStatus::Queued).await? else {
+        tx.rollback().await.ok();
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        let existing = sqlx::query(concat!("SELECT ", run_columns!(), " FROM runs r WHERE r.idempotency_key = $1"))
+            .bind(key)
+            .fetch_one(pool)
+            .await?;
+        return Ok((from_row(&existing)?, false));
+    };
+    tx.commit().await?;
+    Ok((run, true))
+}
+
+/// Inserts a run (and its `run.queued` event, plus `run.started` for a campaign created
+/// running) inside the caller's transaction. `None` when the idempotency key is taken.
+pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -> CoreResult<Option<Run>> {
     let row = sqlx::query(concat!(
         "WITH r AS (INSERT INTO runs (id, kind, target, definition, params, selector, priority, timeout_s, max_attempts,
-             trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key, held, parent_index, status,
+             started_at, queued_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                 CASE WHEN $18 = 'running' THEN now() END, clock_timestamp())
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *) SELECT ",
         run_columns!(),
@@ -150,28 +196,27 @@ pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
     .bind(new.parent_run_id)
     .bind(new.retry_of)
     .bind(&new.idempotency_key)
+    .bind(new.held)
+    .bind(new.parent_index)
+    .bind(status.as_str())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(row) = row else {
-        tx.rollback().await.ok();
-        let key = new.idempotency_key.as_deref().unwrap_or_default();
-        let existing = sqlx::query(concat!("SELECT ", run_columns!(), " FROM runs r WHERE r.idempotency_key = $1"))
-            .bind(key)
-            .fetch_one(pool)
-            .await?;
-        return Ok((from_row(&existing)?, false));
-    };
+    let Some(row) = row else { return Ok(None) };
     let run = from_row(&row)?;
+    let subject = Subject { run_id: Some(run.id), schedule_id: run.schedule_id, device_id: None };
     events::append(
-        &mut tx,
+        tx,
         event_types::RUN_QUEUED,
-        Subject { run_id: Some(run.id), schedule_id: run.schedule_id, device_id: None },
+        subject,
         json!({"kind": run.kind, "target": run.target, "priority": run.priority, "trigger": run.trigger,
-               "attempt": run.attempt, "selector": run.selector}),
+               "attempt": run.attempt, "selector": run.selector, "parent_run_id": run.parent_run_id,
+               "scheduled_for": run.scheduled_for, "retry_of": run.retry_of}),
     )
     .await?;
-    tx.commit().await?;
-    Ok((run, true))
+    if status == RunStatus::Running {
+        events::append(tx, event_types::RUN_STARTED, subject, json!({"attempt": run.attempt})).await?;
+    }
+    Ok(Some(run))
 }
 
 /// Records that runs were pushed to the queue.
@@ -194,9 +239,37 @@ pub async fn get(pool: &PgPool, id: Uuid) -> CoreResult<Run> {
         .await?
         .ok_or_else(|| CoreError::not_found(format!("run {id}")))?;
     let mut run = from_row(&row)?;
-    let steps = sqlx::query("SELECT * FROM run_steps WHERE run_id = $1 ORDER BY idx").bind(id).fetch_all(pool).await?;
-    run.steps = Some(steps.iter().map(step_from_row).collect::<Result<_, _>>()?);
+    run.steps = Some(steps(pool, id).await?);
+    if run.kind == RunKind::Campaign {
+        run.children = Some(children_counts(pool, id).await?);
+    }
     Ok(run)
+}
+
+/// A run's recorded steps, in order.
+pub async fn steps(pool: &PgPool, run_id: Uuid) -> CoreResult<Vec<RunStep>> {
+    let rows = sqlx::query("SELECT * FROM run_steps WHERE run_id = $1 ORDER BY idx").bind(run_id).fetch_all(pool).await?;
+    Ok(rows.iter().map(step_from_row).collect::<Result<_, _>>()?)
+}
+
+/// How many children of a campaign run are in each status (and `total`).
+pub async fn children_counts(pool: &PgPool, parent: Uuid) -> CoreResult<Value> {
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM runs WHERE parent_run_id = $1 GROUP BY status")
+        .bind(parent)
+        .fetch_all(pool)
+        .await?;
+    let mut counts = serde_json::Map::new();
+    for status in RunStatus::ALL {
+        counts.insert(status.to_string(), json!(0));
+    }
+    let mut total = 0i64;
+    for r in &rows {
+        let n: i64 = r.try_get("n")?;
+        total += n;
+        counts.insert(r.try_get::<String, _>("status")?, json!(n));
+    }
+    counts.insert("total".into(), json!(total));
+    Ok(Value::Object(counts))
 }
 
 /// Whether a run exists (for 404s on sub-resources).
@@ -275,7 +348,7 @@ pub enum ClaimOutcome {
 pub async fn claim(pool: &PgPool, run_id: Uuid, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT status, selector, kind, not_before, (not_before IS NOT NULL AND not_before > now()) AS later
+        "SELECT status, selector, kind, held, not_before, (not_before IS NOT NULL AND not_before > now()) AS later
          FROM runs WHERE id = $1 FOR UPDATE",
     )
     .bind(run_id)
@@ -287,7 +360,7 @@ pub async fn claim(pool: &PgPool, run_id: Uuid, owner: &str, ttl: Duration) -> C
     let Some(row) = row else { return Ok(ClaimOutcome::NotClaimable) };
     let status: String = row.try_get("status")?;
     let kind: String = row.try_get("kind")?;
-    if status != "queued" || kind == "campaign" {
+    if status != "queued" || kind == "campaign" || row.try_get::<bool, _>("held")? {
         return Ok(ClaimOutcome::NotClaimable);
     }
     if row.try_get::<bool, _>("later")? {
@@ -350,7 +423,7 @@ pub async fn claim_for_device(pool: &PgPool, device_id: Uuid, owner: &str, ttl: 
         return Ok(None);
     }
     let run = sqlx::query(concat!(
-        "SELECT r.id FROM runs r, devices d WHERE d.id = $1 AND r.status = 'queued' AND r.kind <> 'campaign'
+        "SELECT r.id FROM runs r, devices d WHERE d.id = $1 AND r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held
            AND (r.not_before IS NULL OR r.not_before <= now()) AND r.selector IS NOT NULL AND ",
         selector_matches!("r.selector"),
         " ORDER BY r.priority DESC, r.queued_at, r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED"
@@ -691,7 +764,7 @@ pub fn module_step(claimed: &Claimed, status: StepStatus, started_at: DateTime<U
 pub async fn due_for_dispatch(pool: &PgPool, stale: Duration, limit: i64) -> CoreResult<Vec<Uuid>> {
     Ok(sqlx::query_scalar(concat!(
         "SELECT r.id FROM runs r
-         WHERE r.status = 'queued' AND r.kind <> 'campaign' AND (r.not_before IS NULL OR r.not_before <= now())
+         WHERE r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND (r.not_before IS NULL OR r.not_before <= now())
            AND ((r.dispatched_at IS NULL AND r.queued_at < now() - interval '2 seconds')
                 OR (r.dispatched_at < now() - make_interval(secs => $1)
                     AND EXISTS (SELECT 1 FROM devices d WHERE ",
@@ -796,7 +869,7 @@ pub async fn waiting_for_device(pool: &PgPool, device_id: Uuid, limit: i64) -> C
     Ok(sqlx::query_scalar(concat!(
         "SELECT r.id FROM runs r, devices d WHERE d.id = $1 AND ",
         claimable!(),
-        " AND r.status = 'queued' AND r.kind <> 'campaign' AND (r.not_before IS NULL OR r.not_before <= now())
+        " AND r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND (r.not_before IS NULL OR r.not_before <= now())
            AND r.selector IS NOT NULL AND ",
         selector_matches!("r.selector"),
         " ORDER BY r.priority DESC, r.queued_at LIMIT $2"
@@ -862,4 +935,80 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> CoreResult<CancelO
     };
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Records a workflow step's progress (and its `run.step` event), only while `owner`
+/// still holds attempt `attempt` of the run. `Ok(false)`: the run is no longer ours.
+pub async fn record_step(pool: &PgPool, claimed: &Claimed, owner: &str, step: &RunStep) -> CoreResult<bool> {
+    let mut tx = pool.begin().await?;
+    let held: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM runs WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3 FOR UPDATE",
+    )
+    .bind(claimed.run.id)
+    .bind(claimed.attempt)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if held.is_none() {
+        return Ok(false);
+    }
+    write_step(&mut tx, claimed.run.id, step).await?;
+    events::append(
+        &mut tx,
+        event_types::RUN_STEP,
+        Subject::run(claimed.run.id, Some(claimed.device.id)),
+        json!({"index": step.index, "module": step.module, "status": step.status, "attempt": step.attempt,
+               "result": step.result, "error": step.error}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Pauses (`true`) or resumes (`false`) a running workflow run between steps. 409 for
+/// other runs, or when it already is in that state.
+pub async fn set_paused(pool: &PgPool, id: Uuid, paused: bool) -> CoreResult<()> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query("SELECT kind, status, paused, device_id FROM runs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| CoreError::not_found(format!("run {id}")))?;
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    if kind != "workflow" {
+        return Err(CoreError::Conflict(format!("only workflow runs can be paused (run {id} is a {kind} run)")));
+    }
+    if status != "running" {
+        return Err(CoreError::Conflict(format!("only a running workflow can be {} (run {id} is {status})", if paused { "paused" } else { "resumed" })));
+    }
+    if row.try_get::<bool, _>("paused")? == paused {
+        return Err(CoreError::Conflict(format!("run {id} is already {}", if paused { "paused" } else { "running (not paused)" })));
+    }
+    sqlx::query("UPDATE runs SET paused = $2, updated_at = now() WHERE id = $1").bind(id).bind(paused).execute(&mut *tx).await?;
+    let kind = if paused { event_types::RUN_PAUSED } else { event_types::RUN_RESUMED };
+    events::append(&mut tx, kind, Subject::run(id, row.try_get("device_id")?), json!({})).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Marks the steps of a finished workflow attempt that never ran as `skipped`.
+pub fn skipped_steps(claimed: &Claimed, from: usize) -> Vec<RunStep> {
+    let steps = claimed.run.definition["steps"].as_array().cloned().unwrap_or_default();
+    steps
+        .iter()
+        .enumerate()
+        .skip(from)
+        .map(|(i, s)| RunStep {
+            index: i as i32,
+            module: s["module"].as_str().unwrap_or_default().to_string(),
+            params: s["params"].clone(),
+            status: StepStatus::Skipped,
+            attempt: 0,
+            started_at: None,
+            finished_at: None,
+            result: None,
+            error: None,
+        })
+        .collect()
 }
