@@ -510,10 +510,14 @@ async fn advance_tx(tx: &mut PgConnection, parent: Uuid) -> CoreResult<Advance> 
         let free = (max_parallel - active).max(0);
         if free > 0 {
             out.admit = sqlx::query_scalar(
-                "UPDATE runs SET held = false, queued_at = clock_timestamp(), dispatched_at = now(), updated_at = now()
-                 WHERE id IN (SELECT id FROM runs WHERE parent_run_id = $1 AND held AND status = 'queued'
-                              ORDER BY parent_index LIMIT $2 FOR UPDATE)
-                 RETURNING id",
+                // A materialized CTE: `WHERE id IN (SELECT .. LIMIT n FOR UPDATE)` may be
+                // re-evaluated by the planner and update more than n rows.
+                "WITH picked AS MATERIALIZED (
+                    SELECT id FROM runs WHERE parent_run_id = $1 AND held AND status = 'queued'
+                    ORDER BY parent_index LIMIT $2 FOR UPDATE)
+                 UPDATE runs SET held = false, queued_at = clock_timestamp(), dispatched_at = now(), updated_at = now()
+                 FROM picked WHERE runs.id = picked.id
+                 RETURNING runs.id",
             )
             .bind(parent)
             .bind(free)
