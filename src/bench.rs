@@ -40,6 +40,10 @@ pub struct BenchConfig {
     /// Concurrent HTTP clients submitting runs.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    /// Also measure schedule fire lag over an every-second schedule for this many
+    /// seconds (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub fire_lag_seconds: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -98,8 +102,14 @@ impl Deployment {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
+        let scheduler = Command::new(&exe)
+            .arg("scheduler")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
         Ok(Deployment {
-            children: vec![api, worker],
+            children: vec![api, worker, scheduler],
             base,
             pool,
             admin_url: format!("{server}/postgres"),
@@ -294,6 +304,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
             "enqueue_per_s": submitted as f64 / submit_s, "end_to_end_runs_per_s": submitted as f64 / total_s,
         }));
     }
+    let fire_lag = if cfg.fire_lag_seconds > 0 { Some(fire_lag(cfg, dep, &http).await?) } else { None };
     let rss = dep.rss_kib();
     let pick = |key: &str, i: usize| median(rounds.iter().map(|r| r[key][i].as_f64().unwrap_or(f64::NAN)).collect());
     let pick1 = |key: &str| median(rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect());
@@ -309,9 +320,42 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         "api_ms": {"post_run": {"p50": pick("api_post_run_ms", 0), "p99": pick("api_post_run_ms", 1)},
                    "get_run": {"p50": pick("api_get_run_ms", 0), "p99": pick("api_get_run_ms", 1)}},
         "throughput": {"enqueue_per_s": pick1("enqueue_per_s"), "end_to_end_runs_per_s": pick1("end_to_end_runs_per_s")},
-        "memory_rss_mib": {"api": rss.first().copied().unwrap_or(0) as f64 / 1024.0, "worker": rss.get(1).copied().unwrap_or(0) as f64 / 1024.0},
+        "memory_rss_mib": {"api": rss.first().copied().unwrap_or(0) as f64 / 1024.0, "worker": rss.get(1).copied().unwrap_or(0) as f64 / 1024.0,
+                           "scheduler": rss.get(2).copied().unwrap_or(0) as f64 / 1024.0},
+        "schedule_fire_lag_ms": fire_lag,
         "rounds": rounds,
     }))
+}
+
+/// An every-second schedule for `fire_lag_seconds`: lag from each tick to its run's push.
+async fn fire_lag(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -> anyhow::Result<Value> {
+    eprintln!("fire lag: every-second schedule for {} s ...", cfg.fire_lag_seconds);
+    let r = http
+        .post(format!("{}/api/v1/schedules", dep.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "bench-every-second", "cron": "* * * * * *",
+                      "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "bench"}}}))
+        .send()
+        .await?;
+    if r.status().as_u16() != 201 {
+        bail!("creating the schedule answered {}", r.status());
+    }
+    let id: Value = r.json().await?;
+    let id = uuid::Uuid::parse_str(id["id"].as_str().unwrap_or_default())?;
+    tokio::time::sleep(Duration::from_secs(cfg.fire_lag_seconds)).await;
+    sqlx::query("UPDATE schedules SET enabled = false WHERE id = $1").bind(id).execute(&dep.pool).await?;
+    let rows = sqlx::query(
+        "SELECT (extract(epoch FROM (enqueued_at - scheduled_for)) * 1000)::float8 AS ms FROM runs
+         WHERE schedule_id = $1 AND scheduled_for IS NOT NULL AND enqueued_at IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_all(&dep.pool)
+    .await?;
+    let lags: Vec<f64> = rows.iter().filter_map(|r| r.try_get::<f64, _>("ms").ok()).collect();
+    let n = lags.len();
+    let (p50, p99) = stats(lags.clone());
+    let max = lags.iter().cloned().fold(f64::NAN, f64::max);
+    Ok(json!({"ticks": n, "p50": p50, "p99": p99, "max": max}))
 }
 
 fn print_report(cfg: &BenchConfig, r: &Value) {
@@ -325,5 +369,9 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
     println!("  API GET /runs/{{id}}            p50 {} ms  p99 {} ms", f(&r["api_ms"]["get_run"]["p50"]), f(&r["api_ms"]["get_run"]["p99"]));
     println!("  enqueue throughput            {} runs/s ({} clients)", f(&r["throughput"]["enqueue_per_s"]), cfg.clients);
     println!("  end-to-end throughput         {} runs/s ({} runs per round)", f(&r["throughput"]["end_to_end_runs_per_s"]), cfg.runs);
-    println!("  memory (RSS)                  api {} MiB, worker {} MiB", f(&r["memory_rss_mib"]["api"]), f(&r["memory_rss_mib"]["worker"]));
+    println!("  memory (RSS)                  api {} MiB, worker {} MiB, scheduler {} MiB", f(&r["memory_rss_mib"]["api"]), f(&r["memory_rss_mib"]["worker"]), f(&r["memory_rss_mib"]["scheduler"]));
+    if r["schedule_fire_lag_ms"].is_object() {
+        let l = &r["schedule_fire_lag_ms"];
+        println!("  schedule fire lag             p50 {} ms  p99 {} ms  max {} ms  over {} ticks", f(&l["p50"]), f(&l["p99"]), f(&l["max"]), l["ticks"]);
+    }
 }

@@ -5,3 +5,4 @@ mod durability;
 mod foundation;
 mod harness;
 mod orchestration;
+mod scheduling;

@@ -59,11 +59,16 @@ pub fn router(state: AppState) -> Router {
         .route("/campaigns", get(campaigns::list).post(campaigns::create))
         .route("/campaigns/{id}", get(campaigns::get).put(campaigns::replace).delete(campaigns::delete))
         .route("/campaigns/{id}/runs", post(campaigns::start))
+        .route("/schedules", get(schedules::list).post(schedules::create))
+        .route("/schedules/{id}", get(schedules::get).patch(schedules::update).delete(schedules::delete))
+        .route("/schedules/{id}/preview", get(schedules::preview))
+        .route("/schedules/{id}/trigger", post(schedules::trigger))
         .route_layer(from_fn_with_state(state.clone(), middleware::require_token));
     let mut app = Router::new()
         .route("/health", get(health::live))
         .route("/health/full", get(health::full))
         .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::prometheus))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

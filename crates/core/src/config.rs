@@ -124,13 +124,17 @@ pub struct SchedulerConfig {
     /// A queued run not delivered for this long is pushed to Redis again (seconds).
     #[arg(long, env = "SWITCHBOARD_REDISPATCH_AFTER_S", default_value_t = 10)]
     pub redispatch_after_s: u64,
+    /// A schedule tick fired this late or less is on time; later ticks were missed
+    /// (downtime) and follow the schedule's `misfire` policy (milliseconds).
+    #[arg(long, env = "SWITCHBOARD_MISFIRE_GRACE_MS", default_value_t = 1000)]
+    pub misfire_grace_ms: u64,
 }
 
 impl SchedulerConfig {
     pub fn summary(&self) -> String {
         format!(
-            "reconcile_interval_s={} redispatch_after_s={}",
-            self.reconcile_interval_s, self.redispatch_after_s
+            "reconcile_interval_s={} redispatch_after_s={} misfire_grace_ms={}",
+            self.reconcile_interval_s, self.redispatch_after_s, self.misfire_grace_ms
         )
     }
 }

@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod catalog;
 pub mod config;
+pub mod cron_expr;
 pub mod db;
 pub mod error;
 pub mod ids;

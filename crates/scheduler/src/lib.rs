@@ -1,5 +1,6 @@
-//! The scheduler role: the reconciler (expired leases, runs Redis lost) and, later, cron
-//! ticks and host liveness. Every pass is safe with several schedulers running.
+//! The scheduler role: cron ticks (exactly once per tick across any number of
+//! schedulers), and the reconciler (expired leases, runs Redis lost, campaigns left
+//! half-advanced, Redis trimming). Every pass is safe with several schedulers running.
 
 use std::time::Duration;
 
@@ -10,21 +11,78 @@ use switchboard_core::{
     config::{CommonConfig, SchedulerConfig},
     db, ids,
     queue::Queue,
-    repo::{campaigns, processes, runs},
+    repo::{campaigns, processes, runs, schedules},
 };
 use tokio_util::sync::CancellationToken;
+
+/// Longest sleep between two looks at the schedules (new or edited schedules are seen
+/// within this).
+const MAX_TICK_WAIT: Duration = Duration::from_millis(500);
 
 /// Runs the scheduler until `shutdown`.
 pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let me = ids::process_identity("scheduler");
     tracing::info!(scheduler = %me, "scheduler starting: {} {}", common.summary(), cfg.summary());
-    let pool = db::connect_lazy(&common.database_url, 4)?;
+    let pool = db::connect_lazy(&common.database_url, 6)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
+    tokio::join!(
+        tick_loop(pool.clone(), queue.clone(), Duration::from_millis(cfg.misfire_grace_ms), shutdown.clone()),
+        reconcile_loop(pool.clone(), queue, &me, &cfg, shutdown.clone()),
+    );
+    let _ = processes::stopped(&pool, &me).await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+/// Fires due schedules, sleeping until the next one is due (at most `MAX_TICK_WAIT`).
+async fn tick_loop(pool: PgPool, queue: Queue, grace: Duration, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let wait = match tick_once(&pool, &queue, grace).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                match schedules::next_due(&pool).await {
+                    Ok(Some(due)) => (due - chrono::Utc::now()).to_std().unwrap_or_default().min(MAX_TICK_WAIT),
+                    Ok(None) => MAX_TICK_WAIT,
+                    Err(_) => MAX_TICK_WAIT,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "schedule tick failed; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One tick: fire what is due, then push the runs (Postgres first, Redis second).
+pub async fn tick_once(pool: &PgPool, queue: &Queue, grace: Duration) -> CoreResult<()> {
+    let fired = schedules::tick(pool, grace).await?;
+    if !fired.push.is_empty() {
+        if let Err(e) = queue.push_many(&fired.push).await {
+            tracing::warn!(error = %e, "could not push scheduled runs; the reconciler will deliver them");
+        }
+        runs::mark_dispatched(pool, &fired.push).await?;
+    }
+    if !fired.runs.is_empty() {
+        // Campaign runs are not pushed themselves; record when their tick was enqueued.
+        runs::mark_dispatched(pool, &fired.runs).await?;
+        tracing::info!(runs = fired.runs.len(), "schedules fired");
+    }
+    Ok(())
+}
+
+async fn reconcile_loop(pool: PgPool, queue: Queue, me: &str, cfg: &SchedulerConfig, shutdown: CancellationToken) {
     let interval = Duration::from_secs(cfg.reconcile_interval_s.max(1));
     let stale = Duration::from_secs(cfg.redispatch_after_s.max(1));
     let info = json!({"version": env!("CARGO_PKG_VERSION"), "reconcile_interval_s": cfg.reconcile_interval_s});
     loop {
-        if let Err(e) = processes::beat(&pool, &me, "scheduler", &info).await {
+        if let Err(e) = processes::beat(&pool, me, "scheduler", &info).await {
             tracing::warn!(error = %e, "scheduler heartbeat failed");
         }
         match reconcile(&pool, &queue, stale).await {
@@ -39,13 +97,10 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
             Err(e) => tracing::warn!(error = %e, "redis trim failed; retrying next interval"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
     }
-    let _ = processes::stopped(&pool, &me).await;
-    tracing::info!("scheduler stopped");
-    Ok(())
 }
 
 /// One reconcile pass: recover expired leases, then push queued runs that nobody has

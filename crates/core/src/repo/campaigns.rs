@@ -385,6 +385,32 @@ pub async fn start_run(
     children: &[ChildSpec],
     start: &CampaignStart,
 ) -> CoreResult<(Run, bool, Advance)> {
+    let mut tx = pool.begin().await?;
+    let Some((id, advance)) =
+        start_run_tx(&mut tx, campaign_id, name, version, stop_on_failure, max_parallel, children, start).await?
+    else {
+        tx.rollback().await.ok();
+        let key = start.idempotency_key.as_deref().unwrap_or_default();
+        let id: Uuid = sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = $1").bind(key).fetch_one(pool).await?;
+        return Ok((runs::get(pool, id).await?, false, Advance::default()));
+    };
+    tx.commit().await?;
+    Ok((runs::get(pool, id).await?, true, advance))
+}
+
+/// `start_run` inside the caller's transaction (the scheduler's tick). `None` when the
+/// idempotency key is taken.
+#[allow(clippy::too_many_arguments)]
+pub async fn start_run_tx(
+    tx: &mut PgConnection,
+    campaign_id: Uuid,
+    name: &str,
+    version: i32,
+    stop_on_failure: bool,
+    max_parallel: i32,
+    children: &[ChildSpec],
+    start: &CampaignStart,
+) -> CoreResult<Option<(Uuid, Advance)>> {
     let definition = json!({
         "campaign_id": campaign_id, "name": name, "version": version,
         "stop_on_failure": stop_on_failure, "max_parallel": max_parallel, "items": children,
@@ -398,13 +424,7 @@ pub async fn start_run(
     parent.idempotency_key = start.idempotency_key.clone();
     parent.timeout_s = CAMPAIGN_TIMEOUT_S;
     parent.max_attempts = 1;
-    let mut tx = pool.begin().await?;
-    let Some(run) = runs::insert_tx(&mut tx, &parent, RunStatus::Running).await? else {
-        tx.rollback().await.ok();
-        let key = start.idempotency_key.as_deref().unwrap_or_default();
-        let id: Uuid = sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = $1").bind(key).fetch_one(pool).await?;
-        return Ok((runs::get(pool, id).await?, false, Advance::default()));
-    };
+    let Some(run) = runs::insert_tx(tx, &parent, RunStatus::Running).await? else { return Ok(None) };
     for child in children {
         let mut new = NewRun::new(child.kind, child.target.clone(), child.definition.clone(), child.params.clone(), Some(child.selector.clone()));
         new.priority = start.priority;
@@ -412,15 +432,14 @@ pub async fn start_run(
         new.max_attempts = child.max_attempts;
         new.trigger = start.trigger;
         new.schedule_id = start.schedule_id;
-        new.scheduled_for = start.scheduled_for;
+        new.scheduled_for = None; // the tick belongs to the campaign run
         new.parent_run_id = Some(run.id);
         new.parent_index = Some(child.index);
         new.held = true;
-        runs::insert_tx(&mut tx, &new, RunStatus::Queued).await?;
+        runs::insert_tx(tx, &new, RunStatus::Queued).await?;
     }
-    let advance = advance_tx(&mut tx, run.id).await?;
-    tx.commit().await?;
-    Ok((runs::get(pool, run.id).await?, true, advance))
+    let advance = advance_tx(tx, run.id).await?;
+    Ok(Some((run.id, advance)))
 }
 
 /// What `advance` decided: children to push (newly admitted) and running children to

@@ -4,5 +4,6 @@ pub mod devices;
 pub mod events;
 pub mod processes;
 pub mod runs;
+pub mod schedules;
 pub mod workflows;
 pub mod campaigns;

@@ -222,8 +222,9 @@ pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -
 /// Records that runs were pushed to the queue.
 pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> CoreResult<()> {
     sqlx::query(
-        "UPDATE runs SET dispatched_at = now(), enqueued_at = COALESCE(enqueued_at, now())
-         WHERE id = ANY ($1) AND status = 'queued'",
+        "UPDATE runs SET dispatched_at = CASE WHEN status = 'queued' THEN now() ELSE dispatched_at END,
+                enqueued_at = COALESCE(enqueued_at, clock_timestamp())
+         WHERE id = ANY ($1) AND status IN ('queued', 'running')",
     )
     .bind(ids)
     .execute(pool)
