@@ -6,26 +6,10 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{Env, Proxy, eventually, types};
-
-/// Fast leases and reconciles so recovery tests finish in seconds.
-const FAST: &[(&str, &str)] = &[
-    ("SWITCHBOARD_LEASE_TTL_S", "2"),
-    ("SWITCHBOARD_RECONCILE_INTERVAL_S", "1"),
-    ("SWITCHBOARD_REDISPATCH_AFTER_S", "1"),
-    ("SWITCHBOARD_RETRY_BASE_MS", "300"),
-];
-
-fn ts(v: &Value) -> DateTime<Utc> {
-    v.as_str().expect("timestamp").parse().expect("rfc3339")
-}
+use crate::harness::{Env, FAST, Proxy, eventually, ts, types, with};
 
 fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["type"] == kind).count()
-}
-
-fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    base.iter().chain(more.iter()).cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

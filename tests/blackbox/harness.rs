@@ -419,3 +419,21 @@ impl Proxy {
         self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Fast leases, reconciles and retries, so recovery tests finish in seconds.
+pub const FAST: &[(&str, &str)] = &[
+    ("SWITCHBOARD_LEASE_TTL_S", "2"),
+    ("SWITCHBOARD_RECONCILE_INTERVAL_S", "1"),
+    ("SWITCHBOARD_REDISPATCH_AFTER_S", "1"),
+    ("SWITCHBOARD_RETRY_BASE_MS", "300"),
+];
+
+/// `base` settings plus `more`.
+pub fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    base.iter().chain(more.iter()).cloned().collect()
+}
+
+/// An RFC 3339 timestamp from a JSON value.
+pub fn ts(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().expect("timestamp").parse().expect("rfc3339")
+}

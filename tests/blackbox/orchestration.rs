@@ -5,20 +5,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{Api, Env, eventually, types};
+use crate::harness::{Api, Env, FAST, eventually, ts, types, with};
 
 const T: Duration = Duration::from_secs(40);
-const FAST: &[(&str, &str)] = &[
-    ("SWITCHBOARD_LEASE_TTL_S", "2"),
-    ("SWITCHBOARD_RECONCILE_INTERVAL_S", "1"),
-    ("SWITCHBOARD_REDISPATCH_AFTER_S", "1"),
-    ("SWITCHBOARD_RETRY_BASE_MS", "200"),
-];
-
-fn ts(v: &Value) -> DateTime<Utc> {
-    v.as_str().expect("timestamp").parse().expect("rfc3339")
-}
-
 async fn workflow(api: &Api, name: &str, steps: Value) -> String {
     let r = api.post("/api/v1/workflows", json!({"name": name, "steps": steps})).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
@@ -320,10 +309,6 @@ async fn a_campaign_survives_its_worker_being_killed() {
     }
     let overlap = max_overlap(&spans);
     assert!(overlap <= 2, "{overlap} children were in flight at once");
-}
-
-fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    base.iter().chain(more.iter()).cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

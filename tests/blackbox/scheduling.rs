@@ -6,11 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use crate::harness::{Api, Env};
-
-fn ts(v: &Value) -> DateTime<Utc> {
-    v.as_str().expect("timestamp").parse().expect("rfc3339")
-}
+use crate::harness::{Api, Env, ts};
 
 async fn schedule(api: &Api, body: Value) -> String {
     let r = api.post("/api/v1/schedules", body).await;

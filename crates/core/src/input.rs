@@ -159,6 +159,29 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A device selector; `required` makes its absence an error.
+    pub fn selector(&mut self, key: &str, required: bool) -> Option<crate::selector::Selector> {
+        match self.raw(key) {
+            None => {
+                if required {
+                    self.bad(key, "is required: {\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}");
+                }
+                None
+            }
+            Some(v) => match crate::selector::Selector::parse(key, v) {
+                Ok(s) => Some(s),
+                Err(CoreError::Validation { fields, .. }) => {
+                    self.errors.extend(fields);
+                    None
+                }
+                Err(e) => {
+                    self.bad(key, e.to_string());
+                    None
+                }
+            },
+        }
+    }
+
     /// Ends reading: an error naming every bad field, if any.
     pub fn finish(self) -> CoreResult<()> {
         if self.errors.is_empty() { Ok(()) } else { Err(CoreError::invalid_fields(self.errors)) }

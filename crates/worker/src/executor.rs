@@ -223,8 +223,7 @@ impl Executor {
             loop {
                 match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await? {
                     Renewal::Lost => {
-                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
-                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                        return Ok(lease_lost());
                     }
                     Renewal::Held { cancel_requested: true, .. } => {
                         let error = json!({"kind": "cancelled", "message": format!("cancelled before step {i}")});
@@ -261,8 +260,7 @@ impl Executor {
                 error: None,
             };
             if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
-                let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
-                return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                return Ok(lease_lost());
             }
             let step_budget = Duration::from_secs(step.effective_timeout_s().max(1) as u64);
             let run_left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -288,8 +286,7 @@ impl Executor {
             match outcome {
                 Outcome::Passed { .. } => {
                     if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
-                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
-                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                        return Ok(lease_lost());
                     }
                     if last {
                         return Ok((Outcome::Passed { result: summary(&statuses) }, vec![]));
@@ -297,8 +294,7 @@ impl Executor {
                 }
                 Outcome::Failed { .. } if step.continue_on_failure => {
                     if !runs::record_step(&self.pool, claimed, &self.owner, &record).await? {
-                        let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
-                        return Ok((Outcome::Error { error, retry_at: None }, vec![]));
+                        return Ok(lease_lost());
                     }
                     if last {
                         return Ok((Outcome::Passed { result: summary(&statuses) }, vec![]));
@@ -413,6 +409,13 @@ struct Attempt<'a> {
     claimed: &'a Claimed,
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<Interrupt>>>,
+}
+
+/// The outcome when this worker finds it no longer holds the run: `finish` will refuse
+/// it (and record the refusal); nothing else is written.
+fn lease_lost() -> (Outcome, Vec<RunStep>) {
+    let error = json!({"kind": "lease_lost", "message": "this worker no longer holds the run"});
+    (Outcome::Error { error, retry_at: None }, vec![])
 }
 
 fn outcome_parts(outcome: &Outcome) -> (Option<Value>, Option<Value>) {

@@ -15,7 +15,6 @@ use switchboard_core::{
     input::Fields,
     model::RunKind,
     repo::{devices, runs::NewRun},
-    selector::Selector,
 };
 
 use crate::{
@@ -53,20 +52,7 @@ pub async fn start(
         }
         Err(e) => return Err(e.into()),
     };
-    let selector = match f.raw("device") {
-        None => {
-            f.errors.insert("device".into(), "is required: {\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}".into());
-            None
-        }
-        Some(v) => match Selector::parse("device", v) {
-            Ok(s) => Some(s),
-            Err(switchboard_core::CoreError::Validation { fields, .. }) => {
-                f.errors.extend(fields);
-                None
-            }
-            Err(e) => return Err(e.into()),
-        },
-    };
+    let selector = f.selector("device", true);
     let priority = f.opt_int("priority", 0, 9).unwrap_or(5) as i16;
     let timeout_s = f.opt_int("timeout_s", 1, 86_400).unwrap_or(module.default_timeout_s as i64) as i32;
     let max_attempts = f.opt_int("max_attempts", 1, 20).unwrap_or(module.max_attempts as i64) as i32;

@@ -18,7 +18,6 @@ use switchboard_core::{
         runs::NewRun,
         workflows::{self, Workflow, WorkflowInput},
     },
-    selector::Selector,
 };
 
 use crate::{
@@ -61,20 +60,7 @@ pub async fn start(State(state): State<AppState>, Path(id): Path<String>, header
     let workflow = workflows::get(&state.pool, id).await?;
     let body = json_body(&headers, &body)?;
     let mut f = Fields::new(&body, &["device", "params", "priority", "timeout_s", "max_attempts"])?;
-    let selector = match f.raw("device") {
-        None => {
-            f.errors.insert("device".into(), "is required: {\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}".into());
-            None
-        }
-        Some(v) => match Selector::parse("device", v) {
-            Ok(s) => Some(s),
-            Err(switchboard_core::CoreError::Validation { fields, .. }) => {
-                f.errors.extend(fields);
-                None
-            }
-            Err(e) => return Err(e.into()),
-        },
-    };
+    let selector = f.selector("device", true);
     let shared = f.opt_object("params").unwrap_or_else(|| json!({}));
     let priority = f.opt_int("priority", 0, 9).unwrap_or(5) as i16;
     let timeout_s = f.opt_int("timeout_s", 1, 86_400).map(|n| n as i32);
