@@ -288,6 +288,14 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     let code = w.wait_exit(Duration::from_secs(12)).expect("worker should exit within the grace period");
     assert_eq!(code, Some(0));
     assert_eq!(api.run(&id).await["status"], "succeeded");
+    // The other roles stop cleanly too.
+    let mut s = env.scheduler(&[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.sigterm();
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).expect("scheduler exits"), Some(0));
+    let mut api = api;
+    api.proc.sigterm();
+    assert_eq!(api.proc.wait_exit(Duration::from_secs(10)).expect("api exits"), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

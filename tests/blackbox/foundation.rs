@@ -295,3 +295,14 @@ async fn idempotency_key_returns_the_first_run() {
     assert_eq!(first["id"], second["id"]);
     assert_eq!(api.get("/api/v1/runs").await.body["items"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_a_413_envelope() {
+    let env = Env::new();
+    let api = env.api(&[("SWITCHBOARD_MAX_BODY_BYTES", "1024")]);
+    let big = json!({"serial": "x".repeat(4096), "driver": "sim"});
+    let r = api.post("/api/v1/devices", big).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "payload_too_large");
+    assert_eq!(api.get("/api/v1/devices").await.body["items"], json!([]));
+}

@@ -368,3 +368,37 @@ async fn retry_makes_a_new_run_of_the_same_snapshot() {
     assert_eq!(again_run["children"]["total"], 1, "only the failed child is retried");
     assert_eq!(api.post(&format!("/api/v1/runs/{failed_id}/retry"), json!({"failed_only": true})).await.status, 422);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_interrupts_the_current_step_and_step_timeouts_end_the_run() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _w = env.worker(&[]);
+    let device = api.device("orc-wfc-1", "lab", json!({})).await;
+    let wf = workflow(&api, "long-middle", json!([
+        {"module": "sleep", "params": {"ms": 10}},
+        {"module": "sleep", "params": {"ms": 30000}},
+        {"module": "sleep", "params": {"ms": 10}},
+    ])).await;
+    let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
+    eventually(T, "step 1 running", || async { (api.run(&id).await["steps"][1]["status"] == "running").then_some(()) }).await;
+    let r = api.post(&format!("/api/v1/runs/{id}/cancel"), json!({})).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (200, Some("cancelled")), "{}", r.body);
+    let steps = r.body["steps"].as_array().unwrap();
+    let statuses: Vec<&str> = steps.iter().map(|s| s["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["passed", "cancelled", "skipped"]);
+    let d = api.get(&format!("/api/v1/devices/{}", device["id"].as_str().unwrap())).await.body;
+    assert_eq!(d["lease"], Value::Null);
+
+    let slow = workflow(&api, "slow-step", json!([
+        {"module": "sleep", "params": {"ms": 10}},
+        {"module": "sleep", "params": {"ms": 5000}, "timeout_s": 1},
+        {"module": "sleep", "params": {"ms": 10}},
+    ])).await;
+    let id = start_workflow(&api, &slow, json!({"device": {"pool": "lab"}})).await;
+    let run = api.wait_terminal(&id, T).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(run["steps"][1]["status"], "timed_out");
+    assert!(run["error"]["message"].as_str().unwrap().contains("step 1"));
+    assert_eq!(run["steps"][2]["status"], "skipped");
+}

@@ -214,3 +214,28 @@ async fn overlap_buffer_one_runs_one_more_when_the_active_one_ends() {
     let fired = schedule_events(&env, &id, "schedule.fired").await;
     assert!(fired.iter().any(|f| f["buffered"] == true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_schedule_does_not_hold_back_the_others() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    api.device("sch-iso-1", "lab", json!({})).await;
+    let wf = api.post("/api/v1/workflows", json!({"name": "doomed", "steps": [{"module": "sleep", "params": {"ms": 1}}]})).await;
+    let wf_id = wf.body["id"].as_str().unwrap().to_string();
+    let broken = schedule(&api, json!({"name": "broken", "cron": "* * * * * *",
+        "target": {"kind": "workflow", "id": wf_id, "device": {"pool": "lab"}}})).await;
+    let healthy = schedule(&api, json!({"name": "healthy", "cron": "* * * * * *",
+        "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}})).await;
+    // The workflow vanishes behind the API's back (a race the API cannot fully close).
+    let pg = env.pg().await;
+    sqlx::query("DELETE FROM workflows WHERE id = $1").bind(uuid::Uuid::parse_str(&wf_id).unwrap()).execute(&pg).await.unwrap();
+    let s = env.scheduler(&[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(s);
+    let t = ticks(&env, &healthy).await;
+    assert!(t.len() >= 3, "the healthy schedule kept firing: {t:?}");
+    assert!(ticks(&env, &broken).await.is_empty());
+    let errors = schedule_events(&env, &broken, "schedule.error").await;
+    assert!(!errors.is_empty(), "the broken tick is recorded");
+    assert!(errors[0]["error"].as_str().unwrap().contains("workflow"));
+}

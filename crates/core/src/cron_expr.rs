@@ -24,7 +24,10 @@ use chrono_tz::Tz;
 #[derive(Debug, Clone)]
 pub struct CronExpr {
     source: String,
-    schedule: cron::Schedule,
+    /// One schedule, or two when both day fields are restricted: standard cron fires
+    /// when EITHER matches (`0 0 1 * MON` = the 1st and every Monday), while the
+    /// crate requires both.
+    schedules: Vec<cron::Schedule>,
 }
 
 impl CronExpr {
@@ -33,12 +36,12 @@ impl CronExpr {
         if trimmed.is_empty() {
             return Err("must not be empty".into());
         }
-        let six = match trimmed.to_ascii_lowercase().as_str() {
-            "@yearly" | "@annually" => "0 0 0 1 1 *".to_string(),
-            "@monthly" => "0 0 0 1 * *".to_string(),
-            "@weekly" => "0 0 0 * * 1".to_string(), // Sunday, in the crate's numbering
-            "@daily" | "@midnight" => "0 0 0 * * *".to_string(),
-            "@hourly" => "0 0 * * * *".to_string(),
+        let sixes: Vec<String> = match trimmed.to_ascii_lowercase().as_str() {
+            "@yearly" | "@annually" => vec!["0 0 0 1 1 *".to_string()],
+            "@monthly" => vec!["0 0 0 1 * *".to_string()],
+            "@weekly" => vec!["0 0 0 * * 1".to_string()], // Sunday, in the crate's numbering
+            "@daily" | "@midnight" => vec!["0 0 0 * * *".to_string()],
+            "@hourly" => vec!["0 0 * * * *".to_string()],
             s if s.starts_with('@') => {
                 return Err(format!("unknown macro {trimmed:?} (expected @hourly, @daily, @weekly, @monthly or @yearly)"));
             }
@@ -54,15 +57,26 @@ impl CronExpr {
                 check_range("hour", rest[1], 0, 23)?;
                 check_range("day of month", rest[2], 1, 31)?;
                 let dow = translate_dow(rest[4])?;
-                format!("{sec} {} {} {} {} {dow}", rest[0], rest[1], rest[2], rest[3])
+                let restricted = |f: &str| f != "*" && f != "?";
+                if restricted(rest[2]) && restricted(rest[4]) {
+                    vec![
+                        format!("{sec} {} {} {} {} *", rest[0], rest[1], rest[2], rest[3]),
+                        format!("{sec} {} {} * {} {dow}", rest[0], rest[1], rest[3]),
+                    ]
+                } else {
+                    vec![format!("{sec} {} {} {} {} {dow}", rest[0], rest[1], rest[2], rest[3])]
+                }
             }
         };
-        let schedule = cron::Schedule::from_str(&six).map_err(|e| format!("invalid cron expression: {e}"))?;
+        let mut schedules = Vec::with_capacity(sixes.len());
+        for six in &sixes {
+            schedules.push(cron::Schedule::from_str(six).map_err(|e| format!("invalid cron expression: {e}"))?);
+        }
         // An expression that can never match (31 February) is an error too.
-        if schedule.after(&Utc::now()).next().is_none() {
+        if schedules.iter().all(|s| s.after(&Utc::now()).next().is_none()) {
             return Err("never matches any date".into());
         }
-        Ok(CronExpr { source: trimmed.to_string(), schedule })
+        Ok(CronExpr { source: trimmed.to_string(), schedules })
     }
 
     pub fn source(&self) -> &str {
@@ -71,19 +85,7 @@ impl CronExpr {
 
     /// The first fire instant strictly after `after`, in zone `tz`.
     pub fn next_after(&self, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        // Local wall-clock time, matched as if it were UTC (the crate only sees naive time).
-        let local_after = after.with_timezone(&tz).naive_local();
-        // Inside the second occurrence of a fall-back overlap, local times of the first
-        // occurrence map to instants before `after`: the strict check skips them, so a
-        // repeated local time never fires twice.
-        let start = Utc.from_utc_datetime(&local_after);
-        for naive in self.schedule.after(&start).take(100_000) {
-            let instant = local_to_instant(tz, naive.naive_utc());
-            if instant > after {
-                return Some(instant);
-            }
-        }
-        None
+        self.schedules.iter().filter_map(|s| next_of(s, tz, after)).min()
     }
 
     /// Every fire instant in `(after, until]`, at most `limit` of them.
@@ -101,6 +103,22 @@ impl CronExpr {
         }
         out
     }
+}
+
+fn next_of(schedule: &cron::Schedule, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // Local wall-clock time, matched as if it were UTC (the crate only sees naive time).
+    let local_after = after.with_timezone(&tz).naive_local();
+    // Inside the second occurrence of a fall-back overlap, local times of the first
+    // occurrence map to instants before `after`: the strict check skips them, so a
+    // repeated local time never fires twice.
+    let start = Utc.from_utc_datetime(&local_after);
+    for naive in schedule.after(&start).take(100_000) {
+        let instant = local_to_instant(tz, naive.naive_utc());
+        if instant > after {
+            return Some(instant);
+        }
+    }
+    None
 }
 
 /// A local wall-clock time as an instant: the earliest if repeated (fall-back), the
@@ -238,6 +256,14 @@ mod tests {
         let c = CronExpr::parse("0 9 * * */2").unwrap();
         let days: Vec<Weekday> = c.between(Tz::UTC, utc("2026-11-22T00:00:00Z"), utc("2026-11-29T00:00:00Z"), 10).iter().map(|t| t.weekday()).collect();
         assert_eq!(days, [Weekday::Sun, Weekday::Tue, Weekday::Thu, Weekday::Sat]);
+    }
+
+    #[test]
+    fn day_of_month_or_day_of_week_like_standard_cron() {
+        // The 1st of the month and every Monday (standard cron ORs the two day fields).
+        let c = CronExpr::parse("0 0 1 * 1").unwrap();
+        let t = c.between(Tz::UTC, utc("2026-11-28T00:00:00Z"), utc("2026-12-10T00:00:00Z"), 10);
+        assert_eq!(t, [utc("2026-11-30T00:00:00Z"), utc("2026-12-01T00:00:00Z"), utc("2026-12-07T00:00:00Z")]);
     }
 
     #[test]

@@ -114,11 +114,16 @@ pub async fn reconcile(pool: &PgPool, queue: &Queue, stale: Duration) -> CoreRes
     recovered.extend(due);
     // Campaigns whose advancing process died between a child's end and the next
     // admission are moved on here.
-    for parent in campaigns::running(pool, 200).await? {
-        let a = campaigns::advance(pool, parent).await?;
-        recovered.extend(a.admit);
-        for id in a.signal {
-            queue.signal_cancel(id).await;
+    for parent in campaigns::running(pool, 1000).await? {
+        match campaigns::advance(pool, parent).await {
+            Ok(a) => {
+                recovered.extend(a.admit);
+                for id in a.signal {
+                    queue.signal_cancel(id).await;
+                }
+            }
+            // One campaign's trouble must not stop the others from moving on.
+            Err(e) => tracing::warn!(campaign_run = %parent, error = %e, "could not advance a campaign"),
         }
     }
     recovered.sort();

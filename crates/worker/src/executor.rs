@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use switchboard_core::{
     CoreResult, catalog,
-    model::{RunKind, RunStep, StepStatus},
+    model::{RunKind, RunStatus, RunStep, StepStatus},
     queue::Queue,
     repo::{
         campaigns,
@@ -67,10 +67,17 @@ impl Executor {
         while let Some(claimed) = next.take() {
             let device_id = claimed.device.id;
             self.execute(claimed).await?;
-            if self.stopping.is_cancelled() {
-                break;
+            if !self.stopping.is_cancelled() {
+                next = runs::claim_for_device(&self.pool, device_id, &self.owner, self.lease_ttl).await?;
             }
-            next = runs::claim_for_device(&self.pool, device_id, &self.owner, self.lease_ttl).await?;
+            if next.is_none() {
+                // Not handed over here (stopping, or the device row was busy): push the
+                // best waiting run it could serve, so it does not wait for a reconcile.
+                let waiting = runs::waiting_for_device(&self.pool, device_id, 1).await?;
+                if !waiting.is_empty() && self.queue.push_many(&waiting).await.is_ok() {
+                    runs::mark_dispatched(&self.pool, &waiting).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -90,21 +97,24 @@ impl Executor {
         let heartbeat = tokio::spawn(self.clone().heartbeat(claimed.clone(), cancel.clone(), reason.clone(), nudge));
         let attempt = Attempt { claimed: &claimed, cancel: cancel.clone(), reason: reason.clone() };
 
-        let (outcome, steps) = match claimed.run.kind {
-            RunKind::Workflow => self.execute_workflow(&attempt).await?,
-            _ => self.execute_module_run(&attempt).await,
+        let executed = match claimed.run.kind {
+            RunKind::Workflow => self.execute_workflow(&attempt).await,
+            _ => Ok(self.execute_module_run(&attempt).await),
         };
+        // Stop the heartbeat before anything else, errors included: a heartbeat left
+        // running would keep the lease alive on a run nobody executes.
         cancel.cancel();
         heartbeat.abort();
         self.inflight.lock().expect("inflight lock").remove(&claimed.run.id);
+        let (outcome, steps) = executed?;
 
         let finished = runs::finish(&self.pool, &claimed, &self.owner, &outcome, &steps, self.breaker).await?;
         match (&finished, &outcome) {
-            (Finished::Written(status), Outcome::Error { retry_at: Some(at), .. }) => {
+            (Finished::Written(status @ RunStatus::Queued), Outcome::Error { retry_at: Some(at), .. }) => {
                 tracing::info!(status = %status, retry_at = %at, "attempt failed; retry scheduled");
                 self.push_at(claimed.run.id, *at);
             }
-            (Finished::Written(status), Outcome::HandBack { .. }) => {
+            (Finished::Written(status @ RunStatus::Queued), Outcome::HandBack { .. }) => {
                 tracing::info!(status = %status, "run handed back");
                 let _ = self.queue.push(claimed.run.id).await;
             }
@@ -221,7 +231,17 @@ impl Executor {
             // Between steps: honour pause and cancel.
             let paused_at = tokio::time::Instant::now();
             loop {
-                match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await? {
+                let renewal = match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await {
+                    Ok(r) => r,
+                    // Postgres blinked: wait (the heartbeat self-fences if it lasts).
+                    Err(e) if !a.cancel.is_cancelled() => {
+                        tracing::warn!(run_id = %claimed.run.id, error = %e, "could not check the run between steps; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    Err(_) => return Ok(lease_lost()),
+                };
+                match renewal {
                     Renewal::Lost => {
                         return Ok(lease_lost());
                     }
@@ -365,6 +385,10 @@ impl Executor {
         nudge: Arc<tokio::sync::Notify>,
     ) {
         let every = (self.lease_ttl / 3).max(Duration::from_millis(200));
+        // Self-fencing: past this long without a successful renewal the reconciler may
+        // soon give the run to another worker, so stop driving the device first.
+        let give_up = self.lease_ttl.mul_f64(0.8);
+        let mut last_renewed = tokio::time::Instant::now();
         let interrupt = |why: Interrupt| {
             let mut r = reason.lock().expect("interrupt lock");
             r.get_or_insert(why);
@@ -378,10 +402,19 @@ impl Executor {
                 _ = nudge.notified() => {}
             }
             match runs::renew(&self.pool, claimed.run.id, claimed.attempt, &self.owner, self.lease_ttl).await {
-                Ok(Renewal::Held { cancel_requested: true, .. }) => interrupt(Interrupt::Cancelled),
-                Ok(Renewal::Held { .. }) => {}
+                Ok(Renewal::Held { cancel_requested, .. }) => {
+                    last_renewed = tokio::time::Instant::now();
+                    if cancel_requested {
+                        interrupt(Interrupt::Cancelled);
+                    }
+                }
                 Ok(Renewal::Lost) => {
                     tracing::warn!(run_id = %claimed.run.id, "lease lost; abandoning the run");
+                    interrupt(Interrupt::LeaseLost);
+                    return;
+                }
+                Err(e) if last_renewed.elapsed() >= give_up => {
+                    tracing::error!(run_id = %claimed.run.id, error = %e, "lease could not be renewed in time; abandoning the run");
                     interrupt(Interrupt::LeaseLost);
                     return;
                 }

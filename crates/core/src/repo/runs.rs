@@ -600,13 +600,18 @@ pub async fn finish(
     };
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "UPDATE runs SET status = $4, result = $5, error = $6, finished_at = clock_timestamp(),
+        // A run whose cancel was requested never goes back to the queue: it ends
+        // `cancelled` instead of being retried or handed back.
+        "WITH w AS (SELECT id, ($4 = 'queued' AND cancel_requested) AS cancel_instead FROM runs
+                    WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3 FOR UPDATE)
+         UPDATE runs r SET status = CASE WHEN w.cancel_instead THEN 'cancelled' ELSE $4 END,
+                result = $5, error = $6, finished_at = clock_timestamp(),
                 lease_owner = NULL, lease_expires_at = NULL, paused = false, updated_at = now(),
-                attempt = CASE WHEN $4 = 'queued' THEN attempt + 1 ELSE attempt END,
-                not_before = CASE WHEN $4 = 'queued' THEN $7 ELSE NULL END,
-                max_attempts = CASE WHEN $8 THEN max_attempts + 1 ELSE max_attempts END
-         WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3
-         RETURNING started_at, finished_at, attempt",
+                attempt = CASE WHEN $4 = 'queued' AND NOT w.cancel_instead THEN r.attempt + 1 ELSE r.attempt END,
+                not_before = CASE WHEN $4 = 'queued' AND NOT w.cancel_instead THEN $7 ELSE NULL END,
+                max_attempts = CASE WHEN $8 AND NOT w.cancel_instead THEN r.max_attempts + 1 ELSE r.max_attempts END
+         FROM w WHERE r.id = w.id
+         RETURNING r.status, r.started_at, r.finished_at, r.attempt",
     )
     .bind(run_id)
     .bind(claimed.attempt)
@@ -623,6 +628,7 @@ pub async fn finish(
         refuse(pool, claimed, owner, status).await?;
         return Ok(Finished::Refused);
     };
+    let status: RunStatus = decode("status", row.try_get("status")?)?;
     let started_at: Option<DateTime<Utc>> = row.try_get("started_at")?;
     let finished_at: DateTime<Utc> = row.try_get("finished_at")?;
     let duration_ms = started_at.map(|s| (finished_at - s).num_milliseconds());
@@ -788,7 +794,7 @@ pub async fn due_for_dispatch(pool: &PgPool, stale: Duration, limit: i64) -> Cor
 pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT id, attempt, max_attempts, device_id, lease_owner FROM runs
+        "SELECT id, attempt, max_attempts, device_id, lease_owner, cancel_requested FROM runs
          WHERE status = 'running' AND lease_expires_at < now()
          ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
@@ -802,8 +808,27 @@ pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>>
         let max_attempts: i32 = row.try_get("max_attempts")?;
         let device_id: Option<Uuid> = row.try_get("device_id")?;
         let owner: Option<String> = row.try_get("lease_owner")?;
+        let cancel_requested: bool = row.try_get("cancel_requested")?;
         let error = json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner});
-        if attempt < max_attempts {
+        if cancel_requested {
+            let error = json!({"kind": "cancelled", "message": "cancelled; its worker stopped renewing its lease", "worker": owner});
+            sqlx::query(
+                "UPDATE runs SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, paused = false,
+                    finished_at = clock_timestamp(), error = $2, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+            events::append(
+                &mut tx,
+                event_types::RUN_FINISHED,
+                Subject::run(id, device_id),
+                json!({"status": "cancelled", "attempt": attempt, "device_id": device_id, "error": error}),
+            )
+            .await?;
+        } else if attempt < max_attempts {
             sqlx::query(
                 "UPDATE runs SET status = 'queued', attempt = attempt + 1, lease_owner = NULL, lease_expires_at = NULL,
                     not_before = NULL, dispatched_at = NULL, finished_at = clock_timestamp(), error = $2, paused = false,

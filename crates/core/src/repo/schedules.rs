@@ -518,7 +518,14 @@ pub async fn tick(pool: &PgPool, grace: Duration) -> CoreResult<Fired> {
             break;
         }
         let tick = s.buffered_for.expect("selected");
-        let (run, push) = start_target(&mut tx, pool, &s, Some(tick)).await?;
+        let (run, push) = match start_target(&mut tx, pool, &s, Some(tick)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tx.rollback().await.ok();
+                record_failure(pool, &s, &e).await?;
+                continue;
+            }
+        };
         events::append(
             &mut tx,
             "schedule.fired",
@@ -543,10 +550,54 @@ pub async fn tick(pool: &PgPool, grace: Duration) -> CoreResult<Fired> {
         let Some(row) = sqlx::query(sql).fetch_optional(&mut *tx).await? else { break };
         let s = from_row(&row)?;
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&mut *tx).await?;
-        fire_due(&mut tx, pool, &s, now, grace, &mut fired).await?;
-        tx.commit().await?;
+        let mut this = Fired::default();
+        match fire_due(&mut tx, pool, &s, now, grace, &mut this).await {
+            Ok(()) => {
+                tx.commit().await?;
+                fired.runs.extend(this.runs);
+                fired.push.extend(this.push);
+            }
+            Err(e) => {
+                tx.rollback().await.ok();
+                // One broken schedule must not hold back the others.
+                record_failure(pool, &s, &e).await?;
+            }
+        }
     }
     Ok(fired)
+}
+
+/// A schedule whose tick could not fire (its target vanished, say): record it as an
+/// event and a missed tick, drop any buffered tick and move to the next one, so it is
+/// not retried in a loop ahead of every other schedule. Transient database errors are
+/// returned instead: the tick stays due and is tried again.
+async fn record_failure(pool: &PgPool, s: &Schedule, e: &CoreError) -> CoreResult<()> {
+    if matches!(e, CoreError::Unavailable(_) | CoreError::Database(_) | CoreError::Redis(_)) {
+        return Err(CoreError::Unavailable(e.to_string()));
+    }
+    tracing::error!(schedule_id = %s.id, error = %e, "schedule tick failed; skipping to the next tick");
+    let mut tx = pool.begin().await?;
+    let next = match (CronExpr::parse(&s.cron), parse_tz(&s.timezone)) {
+        (Ok(expr), Ok(tz)) => expr.next_after(tz, Utc::now()),
+        _ => None,
+    };
+    events::append(
+        &mut tx,
+        "schedule.error",
+        Subject { schedule_id: Some(s.id), run_id: None, device_id: None },
+        json!({"error": e.to_string(), "scheduled_for": s.next_fire_at, "buffered_for": s.buffered_for, "next_fire_at": next}),
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE schedules SET next_fire_at = $2, enabled = enabled AND $2 IS NOT NULL, buffered_for = NULL,
+            missed_count = missed_count + 1 WHERE id = $1",
+    )
+    .bind(s.id)
+    .bind(next)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn fire_due(tx: &mut PgConnection, pool: &PgPool, s: &Schedule, now: DateTime<Utc>, grace: Duration, fired: &mut Fired) -> CoreResult<()> {
