@@ -151,6 +151,15 @@ async fn not_found_unauthorized_and_method_errors_are_envelopes() {
     // Health needs no token.
     let r = api.request("GET", "/health", None, None).await;
     assert_eq!((r.status, r.body["status"].as_str()), (200, Some("ok")));
+    let r = api.request("GET", "/health/full", None, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["checks"]["postgres"]["ok"], true);
+    assert_eq!(r.body["checks"]["redis"]["ok"], true);
+    assert_eq!(r.body["status"], "degraded", "no worker or scheduler runs in this test");
+    let r = api.get("/api/v1/system/info").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["queues"]["runs"]["queued"], 0);
+    assert_eq!(r.body["namespace"].as_str(), Some(env.namespace.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

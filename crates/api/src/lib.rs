@@ -39,6 +39,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     use routes::*;
     let v1 = Router::new()
+        .route("/system/info", get(system::info))
         .route("/devices", get(devices::list).post(devices::create))
         .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
         .route("/devices/{id}/runs", get(runs::for_device))

@@ -5,4 +5,5 @@ pub mod metrics;
 pub mod modules;
 pub mod runs;
 pub mod schedules;
+pub mod system;
 pub mod workflows;
