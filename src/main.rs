@@ -135,7 +135,9 @@ async fn dev(common: CommonConfig, mut api: ApiConfig, worker: WorkerConfig, sch
         format!("sb_dev_{t}")
     });
     api.admin_token = Some(token.clone());
-    let addr = api.addr.clone();
+    // Bind first, so the banner shows the real address (`SWITCHBOARD_API_ADDR=127.0.0.1:0` works).
+    let listener = switchboard_api::bind(&api).await?;
+    let addr = listener.local_addr()?;
     println!();
     println!("Switchboard dev is starting ({created} simulated devices added; 8 in pool \"sim\").");
     println!("  API:         http://{addr}");
@@ -148,7 +150,7 @@ async fn dev(common: CommonConfig, mut api: ApiConfig, worker: WorkerConfig, sch
     println!();
     let stop = shutdown::on_signal();
     let (a, w, s) = tokio::join!(
-        switchboard_api::run(common.clone(), api, stop.clone()),
+        switchboard_api::serve(common.clone(), api, listener, stop.clone()),
         switchboard_worker::run(common.clone(), worker, stop.clone()),
         switchboard_scheduler::run(common, scheduler, stop.clone()),
     );

@@ -315,3 +315,73 @@ async fn an_oversized_body_is_a_413_envelope() {
     assert_eq!(r.body["error"]["code"], "payload_too_large");
     assert_eq!(api.get("/api/v1/devices").await.body["items"], json!([]));
 }
+
+/// The README's first command: `switchboard dev` prints a curl that starts a run, and
+/// that run succeeds within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_prints_a_curl_that_starts_a_run_that_succeeds() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("dev")
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", crate::harness::redis_url())
+        .env("SWITCHBOARD_NAMESPACE", &env.namespace)
+        .env("SWITCHBOARD_API_ADDR", "127.0.0.1:0")
+        .env_remove("SWITCHBOARD_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dev");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut curl = None;
+    let mut base = None;
+    while curl.is_none() || base.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("dev printed its banner");
+        if let Some(u) = line.trim().strip_prefix("API:") {
+            base = Some(u.trim().to_string());
+        }
+        if line.trim_start().starts_with("curl -s -X POST") {
+            curl = Some(line.trim().to_string());
+        }
+    }
+    let (curl, base) = (curl.unwrap(), base.unwrap());
+    assert!(!base.ends_with(":0"), "the banner shows the bound port: {base}");
+    let token = curl.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_string();
+    // Run the printed command exactly as a user would paste it (retrying until the API listens).
+    let mut out = Value::Null;
+    for _ in 0..50 {
+        let o = std::process::Command::new("sh").arg("-c").arg(&curl).output().expect("sh");
+        if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+            out = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(out["status"], "queued", "{out}");
+    let id = out["id"].as_str().unwrap().to_string();
+    let client = reqwest::Client::new();
+    let mut run = Value::Null;
+    for _ in 0..100 {
+        run = client.get(format!("{base}/api/v1/runs/{id}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if run["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["device_id"].is_string() && run["result"]["rtt_ms"].is_object());
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "dev exits cleanly on SIGTERM: {status:?}");
+}

@@ -104,6 +104,19 @@ fn cors_layer(origins: &str) -> Option<CorsLayer> {
 /// Serves the API until `shutdown`. Prints `switchboard api listening on http://ADDR` on
 /// stdout once bound (tests and scripts read it to learn the port).
 pub async fn run(common: CommonConfig, cfg: ApiConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = bind(&cfg).await?;
+    serve(common, cfg, listener, shutdown).await
+}
+
+/// Binds the API's address (so a caller can learn the port before serving).
+pub async fn bind(cfg: &ApiConfig) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(&cfg.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.addr))
+}
+
+/// Serves the API on a bound listener until `shutdown`.
+pub async fn serve(common: CommonConfig, cfg: ApiConfig, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let me = ids::process_identity("api");
     tracing::info!(api = %me, "api starting: {} {}", common.summary(), cfg.summary());
     if cfg.admin_token.is_none() {
@@ -111,7 +124,6 @@ pub async fn run(common: CommonConfig, cfg: ApiConfig, shutdown: CancellationTok
     }
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
-    let listener = tokio::net::TcpListener::bind(&cfg.addr).await?;
     let addr = listener.local_addr()?;
     let state = AppState { pool: pool.clone(), queue, config: Arc::new(cfg), started_at: Instant::now() };
     println!("switchboard api listening on http://{addr}");
