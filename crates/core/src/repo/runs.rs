@@ -809,61 +809,34 @@ pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>>
         let device_id: Option<Uuid> = row.try_get("device_id")?;
         let owner: Option<String> = row.try_get("lease_owner")?;
         let cancel_requested: bool = row.try_get("cancel_requested")?;
-        let error = json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner});
-        if cancel_requested {
-            let error = json!({"kind": "cancelled", "message": "cancelled; its worker stopped renewing its lease", "worker": owner});
-            sqlx::query(
-                "UPDATE runs SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, paused = false,
-                    finished_at = clock_timestamp(), error = $2, updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&error)
-            .execute(&mut *tx)
-            .await?;
-            events::append(
-                &mut tx,
-                event_types::RUN_FINISHED,
-                Subject::run(id, device_id),
-                json!({"status": "cancelled", "attempt": attempt, "device_id": device_id, "error": error}),
-            )
-            .await?;
+        // A requested cancel wins; otherwise retry while attempts remain.
+        let (status, error) = if cancel_requested {
+            (RunStatus::Cancelled, json!({"kind": "cancelled", "message": "cancelled; its worker stopped renewing its lease", "worker": owner}))
         } else if attempt < max_attempts {
-            sqlx::query(
-                "UPDATE runs SET status = 'queued', attempt = attempt + 1, lease_owner = NULL, lease_expires_at = NULL,
-                    not_before = NULL, dispatched_at = NULL, finished_at = clock_timestamp(), error = $2, paused = false,
-                    updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&error)
-            .execute(&mut *tx)
-            .await?;
-            events::append(
-                &mut tx,
-                event_types::RUN_REQUEUED,
-                Subject::run(id, device_id),
-                json!({"attempt": attempt, "next_attempt": attempt + 1, "error": error, "device_id": device_id, "reason": "lease_expired"}),
-            )
-            .await?;
+            (RunStatus::Queued, json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner}))
+        } else {
+            (RunStatus::Errored, json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner}))
+        };
+        sqlx::query(
+            "UPDATE runs SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL, paused = false,
+                finished_at = clock_timestamp(), not_before = NULL, updated_at = now(),
+                attempt = CASE WHEN $2 = 'queued' THEN attempt + 1 ELSE attempt END,
+                dispatched_at = CASE WHEN $2 = 'queued' THEN NULL ELSE dispatched_at END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status.as_str())
+        .bind(&error)
+        .execute(&mut *tx)
+        .await?;
+        let subject = Subject::run(id, device_id);
+        if status == RunStatus::Queued {
+            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "error": error, "device_id": device_id, "reason": "lease_expired"});
+            events::append(&mut tx, event_types::RUN_REQUEUED, subject, data).await?;
             requeued.push(id);
         } else {
-            sqlx::query(
-                "UPDATE runs SET status = 'errored', lease_owner = NULL, lease_expires_at = NULL, paused = false,
-                    finished_at = clock_timestamp(), error = $2, updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&error)
-            .execute(&mut *tx)
-            .await?;
-            events::append(
-                &mut tx,
-                event_types::RUN_FINISHED,
-                Subject::run(id, device_id),
-                json!({"status": "errored", "attempt": attempt, "device_id": device_id, "error": error}),
-            )
-            .await?;
+            let data = json!({"status": status, "attempt": attempt, "device_id": device_id, "error": error});
+            events::append(&mut tx, event_types::RUN_FINISHED, subject, data).await?;
         }
         // A dead worker says nothing about the device: free it; a probe that died is retried.
         sqlx::query(
