@@ -452,3 +452,33 @@ async fn a_freed_device_goes_to_the_highest_priority_then_oldest_waiting_run() {
     let names: Vec<&str> = order.iter().map(|(_, n)| *n).collect();
     assert_eq!(names, ["high_old", "high_new", "low_old"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_loses_nothing_and_every_role_reconnects() {
+    let env = Env::new();
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let redis_via_proxy = format!("redis://127.0.0.1:{}", proxy.port);
+    let through = [("REDIS_URL", redis_via_proxy.as_str())];
+    let api = env.api(&through);
+    let _s = env.scheduler(&with(FAST, &through));
+    let _w = env.worker(&with(FAST, &through));
+    api.device("dur-redis-1", "lab", json!({})).await;
+    let before = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "lab"}})).await;
+    api.wait_terminal(before["id"].as_str().unwrap(), Duration::from_secs(20)).await;
+
+    proxy.cut();
+    let h = api.request("GET", "/health/full", None, None).await;
+    assert_eq!((h.status, h.body["checks"]["redis"]["ok"].as_bool()), (503, Some(false)), "{}", h.body);
+    // Accepted while Redis is down: in Postgres, delivered once Redis is back.
+    let started = std::time::Instant::now();
+    let during = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "lab"}})).await;
+    assert!(started.elapsed() < Duration::from_secs(8), "the API answered in {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    let run = api.wait_terminal(during["id"].as_str().unwrap(), Duration::from_secs(40)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // And the pool works as before.
+    let after = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "lab"}})).await;
+    let run = api.wait_terminal(after["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+}

@@ -119,6 +119,20 @@ impl Queue {
         if run_ids.is_empty() {
             return Ok(());
         }
+        match self.push_once(run_ids).await {
+            // A connection that broke earlier fails its first command and reconnects
+            // behind it: one quick second try saves the delivery.
+            Err(CoreError::Redis(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                self.push_once(run_ids).await?;
+            }
+            other => other?,
+        }
+        self.wake().await;
+        Ok(())
+    }
+
+    async fn push_once(&self, run_ids: &[Uuid]) -> CoreResult<()> {
         let mut storage = self.storage.clone();
         let jobs = run_ids.iter().map(|id| RunJob { run_id: *id }).collect::<Vec<_>>();
         let push = async {
@@ -131,9 +145,7 @@ impl Queue {
         tokio::time::timeout(REDIS_RESPONSE_TIMEOUT, push)
             .await
             .map_err(|_| CoreError::Unavailable("redis push timed out".into()))?
-            .map_err(|e| CoreError::Redis(format!("push failed: {e}")))?;
-        self.wake().await;
-        Ok(())
+            .map_err(|e| CoreError::Redis(format!("push failed: {e}")))
     }
 
     /// Tells workers to poll now. Best effort: the fallback poll covers a lost wake-up.
