@@ -402,3 +402,34 @@ async fn cancel_interrupts_the_current_step_and_step_timeouts_end_the_run() {
     assert!(run["error"]["message"].as_str().unwrap().contains("step 1"));
     assert_eq!(run["steps"][2]["status"], "skipped");
 }
+
+/// A paused workflow whose worker stops is handed back still paused; the next worker
+/// waits for the resume before the next step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_workflow_stays_paused_across_a_worker_restart() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let mut w = env.worker(&[("SWITCHBOARD_SHUTDOWN_GRACE_S", "1")]);
+    api.device("orc-pstop-1", "lab", json!({})).await;
+    let wf = workflow(&api, "pause-restart", json!([
+        {"module": "sleep", "params": {"ms": 300}},
+        {"module": "sleep", "params": {"ms": 10}},
+    ])).await;
+    let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
+    eventually(T, "step 0 running", || async { (api.run(&id).await["steps"][0]["status"] == "running").then_some(()) }).await;
+    assert_eq!(api.post(&format!("/api/v1/runs/{id}/pause"), json!({})).await.status, 200);
+    eventually(T, "step 0 done", || async { (api.run(&id).await["steps"][0]["status"] == "passed").then_some(()) }).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).expect("exit"), Some(0));
+    let r = api.run(&id).await;
+    assert_eq!((r["status"].as_str(), r["paused"].as_bool()), (Some("queued"), Some(true)), "{r}");
+    let _w2 = env.worker(&[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = api.run(&id).await;
+    assert_eq!(r["paused"], true);
+    assert_eq!(r["steps"].as_array().unwrap().len(), 1, "step 1 must wait for the resume: {r}");
+    assert_eq!(api.post(&format!("/api/v1/runs/{id}/resume"), json!({})).await.status, 200);
+    let r = api.wait_terminal(&id, T).await;
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["paused"], false);
+}

@@ -250,9 +250,11 @@ impl Executor {
                         return Ok((Outcome::Cancelled { error }, runs::skipped_steps(claimed, i)));
                     }
                     Renewal::Held { paused: true, .. } => {
+                        // A paused run cannot finish within a grace period: a stopping
+                        // worker hands it back (still paused) at once.
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                            _ = self.hand_back.cancelled() => {
+                            _ = self.stopping.cancelled() => {
                                 let error = json!({"kind": "worker_stopping", "message": "handed back while paused", "worker": self.owner});
                                 return Ok((Outcome::HandBack { error }, vec![]));
                             }

@@ -493,7 +493,7 @@ async fn advance_tx(tx: &mut PgConnection, parent: Uuid) -> CoreResult<Advance> 
         };
         let error = json!({"kind": "cancelled", "message": message, "reason": reason});
         let cancelled = sqlx::query(
-            "UPDATE runs SET status = 'cancelled', held = false, finished_at = clock_timestamp(), error = $2,
+            "UPDATE runs SET status = 'cancelled', held = false, paused = false, finished_at = clock_timestamp(), error = $2,
                 not_before = NULL, updated_at = now()
              WHERE parent_run_id = $1 AND status = 'queued' RETURNING id, attempt",
         )

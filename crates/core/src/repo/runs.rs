@@ -466,7 +466,7 @@ async fn assign(tx: &mut PgConnection, run_id: Uuid, device_id: Uuid, owner: &st
     let rrow = sqlx::query(concat!(
         "WITH r AS (UPDATE runs SET status = 'running', device_id = $2, lease_owner = $3,
                  lease_expires_at = now() + make_interval(secs => $4), started_at = now(), finished_at = NULL,
-                 not_before = NULL, paused = false, updated_at = now()
+                 not_before = NULL, updated_at = now()
                WHERE id = $1 RETURNING *) SELECT ",
         run_columns!(),
         " FROM r"
@@ -606,7 +606,8 @@ pub async fn finish(
                     WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3 FOR UPDATE)
          UPDATE runs r SET status = CASE WHEN w.cancel_instead THEN 'cancelled' ELSE $4 END,
                 result = $5, error = $6, finished_at = clock_timestamp(),
-                lease_owner = NULL, lease_expires_at = NULL, paused = false, updated_at = now(),
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+                paused = r.paused AND $4 = 'queued' AND NOT w.cancel_instead,
                 attempt = CASE WHEN $4 = 'queued' AND NOT w.cancel_instead THEN r.attempt + 1 ELSE r.attempt END,
                 not_before = CASE WHEN $4 = 'queued' AND NOT w.cancel_instead THEN $7 ELSE NULL END,
                 max_attempts = CASE WHEN $8 AND NOT w.cancel_instead THEN r.max_attempts + 1 ELSE r.max_attempts END
@@ -818,7 +819,8 @@ pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<Vec<Uuid>>
             (RunStatus::Errored, json!({"kind": "lease_expired", "message": "the worker stopped renewing its lease", "worker": owner}))
         };
         sqlx::query(
-            "UPDATE runs SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL, paused = false,
+            "UPDATE runs SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL,
+                paused = paused AND $2 = 'queued',
                 finished_at = clock_timestamp(), not_before = NULL, updated_at = now(),
                 attempt = CASE WHEN $2 = 'queued' THEN attempt + 1 ELSE attempt END,
                 dispatched_at = CASE WHEN $2 = 'queued' THEN NULL ELSE dispatched_at END
@@ -906,7 +908,7 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> CoreResult<CancelO
             let error = json!({"kind": "cancelled", "message": reason});
             sqlx::query(
                 "UPDATE runs SET status = 'cancelled', finished_at = clock_timestamp(), error = $2, not_before = NULL,
-                    cancel_requested = true, updated_at = now() WHERE id = $1",
+                    cancel_requested = true, paused = false, updated_at = now() WHERE id = $1",
             )
             .bind(id)
             .bind(&error)
@@ -978,7 +980,10 @@ pub async fn set_paused(pool: &PgPool, id: Uuid, paused: bool) -> CoreResult<()>
     if kind != "workflow" {
         return Err(CoreError::Conflict(format!("only workflow runs can be paused (run {id} is a {kind} run)")));
     }
-    if status != "running" {
+    // A paused workflow that was handed back (its worker stopped) waits queued, still
+    // paused: it can be resumed there too.
+    let allowed = status == "running" || (!paused && status == "queued");
+    if !allowed {
         return Err(CoreError::Conflict(format!("only a running workflow can be {} (run {id} is {status})", if paused { "paused" } else { "resumed" })));
     }
     if row.try_get::<bool, _>("paused")? == paused {
