@@ -179,13 +179,16 @@ fn parse_items(value: &Value) -> Result<Vec<CampaignItem>, FieldErrors> {
     if errors.is_empty() { Ok(items) } else { Err(errors) }
 }
 
-/// Every `workflow_id` must name an existing workflow (422 naming the item).
-pub async fn check_refs(pool: &PgPool, items: &[CampaignItem]) -> CoreResult<()> {
+/// Every `workflow_id` must name an existing workflow (422 naming the item). The rows
+/// are locked `FOR SHARE` until the caller's transaction ends, so a concurrent delete
+/// of a workflow waits and then sees this campaign (409) instead of racing past it.
+pub async fn check_refs(conn: &mut PgConnection, items: &[CampaignItem]) -> CoreResult<()> {
     let mut errors = FieldErrors::new();
     for (i, item) in items.iter().enumerate() {
         if let Some(id) = item.workflow_id {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workflows WHERE id = $1)").bind(id).fetch_one(pool).await?;
-            if !exists {
+            let exists: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM workflows WHERE id = $1 FOR SHARE").bind(id).fetch_optional(&mut *conn).await?;
+            if exists.is_none() {
                 errors.insert(format!("items[{i}].workflow_id"), format!("no workflow {id}"));
             }
         }
@@ -218,7 +221,8 @@ fn name_conflict(e: sqlx::Error, name: &str) -> CoreError {
 }
 
 pub async fn create(pool: &PgPool, c: &CampaignInput) -> CoreResult<Campaign> {
-    check_refs(pool, &c.items).await?;
+    let mut tx = pool.begin().await?;
+    check_refs(&mut tx, &c.items).await?;
     let row = sqlx::query(
         "INSERT INTO campaigns (id, name, description, items, stop_on_failure, max_parallel) VALUES ($1, $2, $3, $4, $5, $6)
          RETURNING id, name, description, items, stop_on_failure, max_parallel, version, created_at, updated_at",
@@ -229,9 +233,10 @@ pub async fn create(pool: &PgPool, c: &CampaignInput) -> CoreResult<Campaign> {
     .bind(json!(c.items))
     .bind(c.stop_on_failure)
     .bind(c.max_parallel)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(|e| name_conflict(e, &c.name))?;
+    tx.commit().await?;
     Ok(from_row(&row)?)
 }
 
@@ -261,7 +266,8 @@ pub async fn list(pool: &PgPool, limit: i64, cursor: Option<Cursor>) -> CoreResu
 }
 
 pub async fn update(pool: &PgPool, id: Uuid, c: &CampaignInput) -> CoreResult<Campaign> {
-    check_refs(pool, &c.items).await?;
+    let mut tx = pool.begin().await?;
+    check_refs(&mut tx, &c.items).await?;
     let row = sqlx::query(
         "UPDATE campaigns SET name = $2, description = $3, items = $4, stop_on_failure = $5, max_parallel = $6,
             version = version + 1, updated_at = now()
@@ -273,10 +279,11 @@ pub async fn update(pool: &PgPool, id: Uuid, c: &CampaignInput) -> CoreResult<Ca
     .bind(json!(c.items))
     .bind(c.stop_on_failure)
     .bind(c.max_parallel)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(|e| name_conflict(e, &c.name))?
     .ok_or_else(|| CoreError::not_found(format!("campaign {id}")))?;
+    tx.commit().await?;
     Ok(from_row(&row)?)
 }
 

@@ -254,24 +254,18 @@ fn parse_target(v: &Value) -> Result<Target, FieldErrors> {
     }
 }
 
-/// The target must exist (and match a device) when the schedule is written.
-async fn check_target(pool: &PgPool, t: &Target) -> CoreResult<()> {
-    match t.kind {
-        RunKind::Workflow => {
-            let id = Uuid::parse_str(&t.id).unwrap_or_default();
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workflows WHERE id = $1)").bind(id).fetch_one(pool).await?;
-            if !exists {
-                return Err(CoreError::invalid("target.id", format!("no workflow {id}")));
-            }
-        }
-        RunKind::Campaign => {
-            let id = Uuid::parse_str(&t.id).unwrap_or_default();
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM campaigns WHERE id = $1)").bind(id).fetch_one(pool).await?;
-            if !exists {
-                return Err(CoreError::invalid("target.id", format!("no campaign {id}")));
-            }
-        }
-        RunKind::Module => {}
+/// The target must exist (and match a device) when the schedule is written. The
+/// workflow or campaign row is locked `FOR SHARE` until the caller's transaction ends,
+/// so a concurrent delete waits and then sees this schedule (409).
+async fn check_target(conn: &mut PgConnection, pool: &PgPool, t: &Target) -> CoreResult<()> {
+    let id = Uuid::parse_str(&t.id).unwrap_or_default();
+    let found: Option<Uuid> = match t.kind {
+        RunKind::Workflow => sqlx::query_scalar("SELECT id FROM workflows WHERE id = $1 FOR SHARE").bind(id).fetch_optional(&mut *conn).await?,
+        RunKind::Campaign => sqlx::query_scalar("SELECT id FROM campaigns WHERE id = $1 FOR SHARE").bind(id).fetch_optional(&mut *conn).await?,
+        RunKind::Module => Some(id),
+    };
+    if found.is_none() {
+        return Err(CoreError::invalid("target.id", format!("no {} {id}", t.kind)));
     }
     if let Some(device) = &t.device
         && !devices::any_matching(pool, &device.to_json()).await?
@@ -299,7 +293,8 @@ fn name_conflict(e: sqlx::Error, name: &str) -> CoreError {
 
 pub async fn create(pool: &PgPool, input: &ScheduleInput) -> CoreResult<Schedule> {
     let target = input.target.clone().expect("parsed for create");
-    check_target(pool, &target).await?;
+    let mut tx = pool.begin().await?;
+    check_target(&mut tx, pool, &target).await?;
     let name = input.name.clone().expect("parsed for create");
     let cron = input.cron.clone().expect("parsed for create");
     let tz = input.timezone.clone().unwrap_or_else(|| "UTC".into());
@@ -318,9 +313,10 @@ pub async fn create(pool: &PgPool, input: &ScheduleInput) -> CoreResult<Schedule
     .bind(input.misfire.unwrap_or(Misfire::Skip).as_str())
     .bind(input.overlap.unwrap_or(Overlap::Allow).as_str())
     .bind(next)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(|e| name_conflict(e, &name))?;
+    tx.commit().await?;
     get(pool, id).await
 }
 
@@ -347,10 +343,10 @@ pub async fn list(pool: &PgPool, limit: i64, cursor: Option<Cursor>) -> CoreResu
 /// PATCH: changes only what is given. A new cron, time zone, or re-enabling computes
 /// `next_fire_at` from now (time spent disabled is not downtime to catch up).
 pub async fn update(pool: &PgPool, id: Uuid, p: &ScheduleInput) -> CoreResult<Schedule> {
-    if let Some(t) = &p.target {
-        check_target(pool, t).await?;
-    }
     let mut tx = pool.begin().await?;
+    if let Some(t) = &p.target {
+        check_target(&mut tx, pool, t).await?;
+    }
     let sql = sqlx::AssertSqlSafe(format!("{SELECT} WHERE id = $1 FOR UPDATE"));
     let row = sqlx::query(sql).bind(id).fetch_optional(&mut *tx).await?.ok_or_else(|| CoreError::not_found(format!("schedule {id}")))?;
     let cur = from_row(&row)?;
