@@ -2,10 +2,11 @@
 //! schedulers), and the reconciler (expired leases, runs Redis lost, campaigns left
 //! half-advanced, Redis trimming). Every pass is safe with several schedulers running.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgPool, postgres::PgListener};
+use tokio::sync::Notify;
 use switchboard_core::{
     CoreResult,
     config::{CommonConfig, SchedulerConfig},
@@ -25,8 +26,10 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
     tracing::info!(scheduler = %me, "scheduler starting: {} {}", common.summary(), cfg.summary());
     let pool = db::connect_lazy(&common.database_url, 6)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
+    let changed = Arc::new(Notify::new());
     tokio::join!(
-        tick_loop(pool.clone(), queue.clone(), Duration::from_millis(cfg.misfire_grace_ms), shutdown.clone()),
+        tick_loop(pool.clone(), queue.clone(), Duration::from_millis(cfg.misfire_grace_ms), changed.clone(), shutdown.clone()),
+        listen_for_changes(pool.clone(), changed, shutdown.clone()),
         reconcile_loop(pool.clone(), queue, &me, &cfg, shutdown.clone()),
     );
     let _ = processes::stopped(&pool, &me).await;
@@ -34,8 +37,43 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
     Ok(())
 }
 
-/// Fires due schedules, sleeping until the next one is due (at most `MAX_TICK_WAIT`).
-async fn tick_loop(pool: PgPool, queue: Queue, grace: Duration, shutdown: CancellationToken) {
+/// Wakes the tick loop when a schedule is created or changed (Postgres LISTEN), so a new
+/// schedule's first tick is not late by a poll interval. Best effort: the tick loop
+/// polls anyway.
+async fn listen_for_changes(pool: PgPool, changed: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => {
+                if let Err(e) = listener.listen(schedules::CHANGED_CHANNEL).await {
+                    tracing::warn!(error = %e, "cannot listen for schedule changes");
+                } else {
+                    changed.notify_one();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            n = listener.recv() => match n {
+                                Ok(_) => changed.notify_one(),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "schedule change listener lost; reconnecting");
+                                    break;
+                                }
+                            },
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot connect the schedule change listener"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Fires due schedules, sleeping until the next one is due (at most `MAX_TICK_WAIT`),
+/// or until a schedule changes.
+async fn tick_loop(pool: PgPool, queue: Queue, grace: Duration, changed: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let wait = match tick_once(&pool, &queue, grace).await {
@@ -56,6 +94,7 @@ async fn tick_loop(pool: PgPool, queue: Queue, grace: Duration, shutdown: Cancel
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = changed.notified() => {}
         }
     }
 }

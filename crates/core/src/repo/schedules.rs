@@ -106,6 +106,15 @@ fn from_row(r: &PgRow) -> Result<Schedule, sqlx::Error> {
     })
 }
 
+/// Postgres NOTIFY channel told (at commit) whenever a schedule is created or changed,
+/// so schedulers look at once instead of at their next poll.
+pub const CHANGED_CHANNEL: &str = "switchboard_schedules_changed";
+
+async fn notify_changed(conn: &mut PgConnection, id: Uuid) -> CoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGED_CHANNEL).bind(id.to_string()).execute(&mut *conn).await?;
+    Ok(())
+}
+
 const SELECT: &str = "SELECT id, name, target, cron, timezone, enabled, misfire, overlap, next_fire_at, last_fired_at, \
      buffered_for, fired_count, skipped_count, missed_count, created_at, updated_at FROM schedules";
 
@@ -316,6 +325,7 @@ pub async fn create(pool: &PgPool, input: &ScheduleInput) -> CoreResult<Schedule
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| name_conflict(e, &name))?;
+    notify_changed(&mut tx, id).await?;
     tx.commit().await?;
     get(pool, id).await
 }
@@ -372,6 +382,7 @@ pub async fn update(pool: &PgPool, id: Uuid, p: &ScheduleInput) -> CoreResult<Sc
     .execute(&mut *tx)
     .await
     .map_err(|e| name_conflict(e, &name))?;
+    notify_changed(&mut tx, id).await?;
     tx.commit().await?;
     get(pool, id).await
 }
