@@ -73,7 +73,7 @@ pub async fn start(State(state): State<AppState>, Path(id): Path<String>, header
 /// Creates the campaign run and pushes the children it admitted.
 pub async fn launch(state: &AppState, c: &Campaign, children: &[campaigns::ChildSpec], start: &CampaignStart) -> ApiResult<(Run, bool)> {
     let (run, created, advance) =
-        campaigns::start_run(&state.pool, c.id, &c.name, c.version, c.stop_on_failure, c.max_parallel, children, start).await?;
+        campaigns::start_run(&state.pool, &c.into(), children, start).await?;
     if !advance.admit.is_empty()
         && let Err(e) = state.queue.push_many(&advance.admit).await
     {

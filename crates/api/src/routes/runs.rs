@@ -206,8 +206,8 @@ pub async fn retry(State(state): State<AppState>, Path(id): Path<String>, header
                 return Err(ApiError::new(axum::http::StatusCode::CONFLICT, format!("campaign run {id} has no failed or errored children")));
             }
         }
-        let d = &original.definition;
         let campaign_id = uuid::Uuid::parse_str(&original.target).unwrap_or_default();
+        let header = campaigns::CampaignHeader::from_snapshot(campaign_id, &original.definition);
         let start = campaigns::CampaignStart {
             priority: original.priority,
             trigger: Trigger::Retry,
@@ -216,17 +216,7 @@ pub async fn retry(State(state): State<AppState>, Path(id): Path<String>, header
             retry_of: Some(id),
             idempotency_key: key,
         };
-        let (run, created, advance) = campaigns::start_run(
-            &state.pool,
-            campaign_id,
-            d["name"].as_str().unwrap_or_default(),
-            d["version"].as_i64().unwrap_or(1) as i32,
-            d["stop_on_failure"].as_bool().unwrap_or(false),
-            d["max_parallel"].as_i64().unwrap_or(10) as i32,
-            &children,
-            &start,
-        )
-        .await?;
+        let (run, created, advance) = campaigns::start_run(&state.pool, &header, &children, &start).await?;
         if !advance.admit.is_empty() {
             let _ = state.queue.push_many(&advance.admit).await;
         }

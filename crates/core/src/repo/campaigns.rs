@@ -382,20 +382,9 @@ pub struct CampaignStart {
 /// Creates a campaign run and all its children (held) in one transaction, then admits
 /// the first `max_parallel`. Returns the parent, whether it was created (an idempotency
 /// key may return an earlier one), and the children to push.
-pub async fn start_run(
-    pool: &PgPool,
-    campaign_id: Uuid,
-    name: &str,
-    version: i32,
-    stop_on_failure: bool,
-    max_parallel: i32,
-    children: &[ChildSpec],
-    start: &CampaignStart,
-) -> CoreResult<(Run, bool, Advance)> {
+pub async fn start_run(pool: &PgPool, header: &CampaignHeader, children: &[ChildSpec], start: &CampaignStart) -> CoreResult<(Run, bool, Advance)> {
     let mut tx = pool.begin().await?;
-    let Some((id, advance)) =
-        start_run_tx(&mut tx, campaign_id, name, version, stop_on_failure, max_parallel, children, start).await?
-    else {
+    let Some((id, advance)) = start_run_tx(&mut tx, header, children, start).await? else {
         tx.rollback().await.ok();
         let key = start.idempotency_key.as_deref().unwrap_or_default();
         let id: Uuid = sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = $1").bind(key).fetch_one(pool).await?;
@@ -405,19 +394,44 @@ pub async fn start_run(
     Ok((runs::get(pool, id).await?, true, advance))
 }
 
+/// What a campaign run snapshots of its campaign, besides the children.
+#[derive(Debug, Clone)]
+pub struct CampaignHeader {
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub version: i32,
+    pub stop_on_failure: bool,
+    pub max_parallel: i32,
+}
+
+impl From<&Campaign> for CampaignHeader {
+    fn from(c: &Campaign) -> CampaignHeader {
+        CampaignHeader { campaign_id: c.id, name: c.name.clone(), version: c.version, stop_on_failure: c.stop_on_failure, max_parallel: c.max_parallel }
+    }
+}
+
+impl CampaignHeader {
+    /// The header recorded in a campaign run's snapshot (for a retry).
+    pub fn from_snapshot(campaign_id: Uuid, definition: &Value) -> CampaignHeader {
+        CampaignHeader {
+            campaign_id,
+            name: definition["name"].as_str().unwrap_or_default().to_string(),
+            version: definition["version"].as_i64().unwrap_or(1) as i32,
+            stop_on_failure: definition["stop_on_failure"].as_bool().unwrap_or(false),
+            max_parallel: definition["max_parallel"].as_i64().unwrap_or(DEFAULT_MAX_PARALLEL as i64) as i32,
+        }
+    }
+}
+
 /// `start_run` inside the caller's transaction (the scheduler's tick). `None` when the
 /// idempotency key is taken.
-#[allow(clippy::too_many_arguments)]
 pub async fn start_run_tx(
     tx: &mut PgConnection,
-    campaign_id: Uuid,
-    name: &str,
-    version: i32,
-    stop_on_failure: bool,
-    max_parallel: i32,
+    header: &CampaignHeader,
     children: &[ChildSpec],
     start: &CampaignStart,
 ) -> CoreResult<Option<(Uuid, Advance)>> {
+    let CampaignHeader { campaign_id, name, version, stop_on_failure, max_parallel } = header;
     let definition = json!({
         "campaign_id": campaign_id, "name": name, "version": version,
         "stop_on_failure": stop_on_failure, "max_parallel": max_parallel, "items": children,

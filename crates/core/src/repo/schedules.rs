@@ -363,7 +363,7 @@ pub async fn update(pool: &PgPool, id: Uuid, p: &ScheduleInput) -> CoreResult<Sc
     let cron = p.cron.clone().unwrap_or(cur.cron.clone());
     let tz = p.timezone.clone().unwrap_or(cur.timezone.clone());
     let enabled = p.enabled.unwrap_or(cur.enabled);
-    let recompute = p.cron.is_some() || p.timezone.is_some() || (enabled && !cur.enabled) || !enabled;
+    let recompute = p.cron.is_some() || p.timezone.is_some() || !cur.enabled || !enabled;
     let next = if recompute { next_fire(&cron, &tz, enabled, Utc::now())? } else { cur.next_fire_at };
     let name = p.name.clone().unwrap_or(cur.name.clone());
     sqlx::query(
@@ -474,7 +474,7 @@ async fn start_target(
                 retry_of: None,
                 idempotency_key: None,
             };
-            let (id, advance) = campaigns::start_run_tx(tx, c.id, &c.name, c.version, c.stop_on_failure, c.max_parallel, &children, &start)
+            let (id, advance) = campaigns::start_run_tx(tx, &(&c).into(), &children, &start)
                 .await?
                 .ok_or_else(|| CoreError::Internal("no run".into()))?;
             Ok((id, advance.admit))
