@@ -34,9 +34,13 @@ pub async fn start_run(state: &AppState, new: &NewRun) -> ApiResult<(Run, bool)>
     if created {
         match state.queue.push(run.id).await {
             Ok(()) => {
-                if let Err(e) = runs::mark_dispatched(&state.pool, &[run.id]).await {
-                    tracing::warn!(run_id = %run.id, error = %e, "could not record dispatch");
-                }
+                // Recording the dispatch is bookkeeping: off the answer's path.
+                let (pool, id) = (state.pool.clone(), run.id);
+                tokio::spawn(async move {
+                    if let Err(e) = runs::mark_dispatched(&pool, &[id]).await {
+                        tracing::warn!(run_id = %id, error = %e, "could not record dispatch");
+                    }
+                });
             }
             Err(e) => tracing::warn!(run_id = %run.id, error = %e, "push to redis failed; the reconciler will deliver the run"),
         }

@@ -150,12 +150,13 @@ impl NewRun {
     }
 }
 
-/// Inserts a queued run and its `run.queued` event in one transaction. With an
-/// idempotency key already used, returns the first run and `false`.
+/// Inserts a queued run and its `run.queued` event, atomically. With an idempotency key
+/// already used, returns the first run and `false`.
 pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
-    let mut tx = pool.begin().await?;
-    let Some(run) = insert_tx(&mut tx, new, RunStatus::Queued).await? else {
-        tx.rollback().await.ok();
+    // One statement inserts the run and its event: atomic without a transaction block,
+    // and one round trip on the enqueue path.
+    let mut conn = pool.acquire().await?;
+    let Some(run) = insert_tx(&mut conn, new, RunStatus::Queued).await? else {
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         let existing = sqlx::query(concat!("SELECT ", run_columns!(), " FROM runs r WHERE r.idempotency_key = $1"))
             .bind(key)
@@ -163,13 +164,17 @@ pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
             .await?;
         return Ok((from_row(&existing)?, false));
     };
-    tx.commit().await?;
     Ok((run, true))
 }
 
-/// Inserts a run (and its `run.queued` event, plus `run.started` for a campaign created
-/// running) inside the caller's transaction. `None` when the idempotency key is taken.
+/// Inserts a run and its `run.queued` event in one statement (plus `run.started` for a
+/// campaign created running), on the caller's connection or transaction. `None` when
+/// the idempotency key is taken (then nothing is written).
 pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -> CoreResult<Option<Run>> {
+    let selector = new.selector.as_ref().map(Selector::to_json);
+    let queued_event = json!({"kind": new.kind, "target": new.target, "priority": new.priority, "trigger": new.trigger,
+        "attempt": 1, "selector": selector, "parent_run_id": new.parent_run_id,
+        "scheduled_for": new.scheduled_for, "retry_of": new.retry_of});
     let row = sqlx::query(concat!(
         "WITH r AS (INSERT INTO runs (id, kind, target, definition, params, selector, priority, timeout_s, max_attempts,
              trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key, held, parent_index, status,
@@ -177,7 +182,9 @@ pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
                  CASE WHEN $18 = 'running' THEN now() END, clock_timestamp())
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING *) SELECT ",
+         RETURNING *),
+         e AS (INSERT INTO events (type, run_id, schedule_id, data) SELECT 'run.queued', r.id, r.schedule_id, $19 FROM r)
+         SELECT ",
         run_columns!(),
         " FROM r"
     ))
@@ -186,7 +193,7 @@ pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -
     .bind(&new.target)
     .bind(&new.definition)
     .bind(&new.params)
-    .bind(new.selector.as_ref().map(Selector::to_json))
+    .bind(&selector)
     .bind(new.priority)
     .bind(new.timeout_s)
     .bind(new.max_attempts)
@@ -199,20 +206,12 @@ pub async fn insert_tx(tx: &mut PgConnection, new: &NewRun, status: RunStatus) -
     .bind(new.held)
     .bind(new.parent_index)
     .bind(status.as_str())
+    .bind(&queued_event)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else { return Ok(None) };
     let run = from_row(&row)?;
     let subject = Subject { run_id: Some(run.id), schedule_id: run.schedule_id, device_id: None };
-    events::append(
-        tx,
-        event_types::RUN_QUEUED,
-        subject,
-        json!({"kind": run.kind, "target": run.target, "priority": run.priority, "trigger": run.trigger,
-               "attempt": run.attempt, "selector": run.selector, "parent_run_id": run.parent_run_id,
-               "scheduled_for": run.scheduled_for, "retry_of": run.retry_of}),
-    )
-    .await?;
     if status == RunStatus::Running {
         events::append(tx, event_types::RUN_STARTED, subject, json!({"attempt": run.attempt})).await?;
     }
@@ -224,7 +223,7 @@ pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> CoreResult<()> {
     sqlx::query(
         "UPDATE runs SET dispatched_at = CASE WHEN status = 'queued' THEN now() ELSE dispatched_at END,
                 enqueued_at = COALESCE(enqueued_at, clock_timestamp())
-         WHERE id = ANY ($1) AND status IN ('queued', 'running')",
+         WHERE id = ANY ($1)",
     )
     .bind(ids)
     .execute(pool)
