@@ -42,6 +42,14 @@ impl CoreError {
         CoreError::Validation { message: format!("{field}: {problem}"), fields }
     }
 
+    /// Maps a unique-violation on a definition's name to a 409 that names it.
+    pub fn name_taken(e: sqlx::Error, what: &str, name: &str) -> CoreError {
+        match CoreError::from(e) {
+            CoreError::Conflict(_) => CoreError::Conflict(format!("a {what} named {name:?} already exists")),
+            other => other,
+        }
+    }
+
     /// A validation error about several fields; the message names the first.
     pub fn invalid_fields(fields: FieldErrors) -> Self {
         let message = match fields.iter().next() {

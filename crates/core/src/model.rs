@@ -40,6 +40,7 @@ macro_rules! string_enum {
         }
     };
 }
+pub(crate) use string_enum;
 
 string_enum!(
     /// Lifecycle of a run. Terminal states never change.

@@ -102,15 +102,21 @@ async fn tick_loop(pool: PgPool, queue: Queue, grace: Duration, changed: Arc<Not
 /// One tick: fire what is due, then push the runs (Postgres first, Redis second).
 pub async fn tick_once(pool: &PgPool, queue: &Queue, grace: Duration) -> CoreResult<()> {
     let fired = schedules::tick(pool, grace).await?;
-    if !fired.push.is_empty() {
-        if let Err(e) = queue.push_many(&fired.push).await {
-            tracing::warn!(error = %e, "could not push scheduled runs; the reconciler will deliver them");
-        }
-        runs::mark_dispatched(pool, &fired.push).await?;
+    if !fired.push.is_empty()
+        && let Err(e) = queue.push_many(&fired.push).await
+    {
+        tracing::warn!(error = %e, "could not push scheduled runs; the reconciler will deliver them");
+    }
+    // The pushed runs, and campaign runs (not pushed themselves: their tick was
+    // enqueued with their children), each recorded once.
+    let mut marked = fired.push.clone();
+    marked.extend(fired.runs.iter().copied());
+    marked.sort();
+    marked.dedup();
+    if !marked.is_empty() {
+        runs::mark_dispatched(pool, &marked).await?;
     }
     if !fired.runs.is_empty() {
-        // Campaign runs are not pushed themselves; record when their tick was enqueued.
-        runs::mark_dispatched(pool, &fired.runs).await?;
         tracing::info!(runs = fired.runs.len(), "schedules fired");
     }
     Ok(())

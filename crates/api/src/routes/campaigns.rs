@@ -66,14 +66,18 @@ pub async fn start(State(state): State<AppState>, Path(id): Path<String>, header
         retry_of: None,
         idempotency_key: idempotency_key(&headers)?,
     };
-    let (run, created) = launch(&state, &campaign, &children, &start).await?;
+    let (run, created) = launch(&state, &(&campaign).into(), &children, &start).await?;
     Ok((if created { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(run)))
 }
 
 /// Creates the campaign run and pushes the children it admitted.
-pub async fn launch(state: &AppState, c: &Campaign, children: &[campaigns::ChildSpec], start: &CampaignStart) -> ApiResult<(Run, bool)> {
-    let (run, created, advance) =
-        campaigns::start_run(&state.pool, &c.into(), children, start).await?;
+pub async fn launch(
+    state: &AppState,
+    header: &campaigns::CampaignHeader,
+    children: &[campaigns::ChildSpec],
+    start: &CampaignStart,
+) -> ApiResult<(Run, bool)> {
+    let (run, created, advance) = campaigns::start_run(&state.pool, header, children, start).await?;
     if !advance.admit.is_empty()
         && let Err(e) = state.queue.push_many(&advance.admit).await
     {

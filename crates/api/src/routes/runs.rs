@@ -220,11 +220,7 @@ pub async fn retry(State(state): State<AppState>, Path(id): Path<String>, header
             retry_of: Some(id),
             idempotency_key: key,
         };
-        let (run, created, advance) = campaigns::start_run(&state.pool, &header, &children, &start).await?;
-        if !advance.admit.is_empty() {
-            let _ = state.queue.push_many(&advance.admit).await;
-        }
-        (run, created)
+        crate::routes::campaigns::launch(&state, &header, &children, &start).await?
     } else {
         let mut new = NewRun::new(original.kind, original.target.clone(), original.definition.clone(), original.params.clone(), original.selector.clone());
         new.priority = original.priority;

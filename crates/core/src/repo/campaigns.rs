@@ -196,8 +196,6 @@ pub async fn check_refs(conn: &mut PgConnection, items: &[CampaignItem]) -> Core
     if errors.is_empty() { Ok(()) } else { Err(CoreError::invalid_fields(errors)) }
 }
 
-const COLUMNS: &str = "id, name, description, items, stop_on_failure, max_parallel, version, created_at, updated_at";
-
 fn from_row(r: &PgRow) -> Result<Campaign, sqlx::Error> {
     let items: Value = r.try_get("items")?;
     Ok(Campaign {
@@ -211,13 +209,6 @@ fn from_row(r: &PgRow) -> Result<Campaign, sqlx::Error> {
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
-}
-
-fn name_conflict(e: sqlx::Error, name: &str) -> CoreError {
-    match CoreError::from(e) {
-        CoreError::Conflict(_) => CoreError::Conflict(format!("a campaign named {name:?} already exists")),
-        other => other,
-    }
 }
 
 pub async fn create(pool: &PgPool, c: &CampaignInput) -> CoreResult<Campaign> {
@@ -235,7 +226,7 @@ pub async fn create(pool: &PgPool, c: &CampaignInput) -> CoreResult<Campaign> {
     .bind(c.max_parallel)
     .fetch_one(&mut *tx)
     .await
-    .map_err(|e| name_conflict(e, &c.name))?;
+    .map_err(|e| CoreError::name_taken(e, "campaign", &c.name))?;
     tx.commit().await?;
     Ok(from_row(&row)?)
 }
@@ -250,7 +241,6 @@ pub async fn get(pool: &PgPool, id: Uuid) -> CoreResult<Campaign> {
 }
 
 pub async fn list(pool: &PgPool, limit: i64, cursor: Option<Cursor>) -> CoreResult<Page<Campaign>> {
-    let _ = COLUMNS;
     let rows = sqlx::query(
         "SELECT id, name, description, items, stop_on_failure, max_parallel, version, created_at, updated_at FROM campaigns
          WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2))
@@ -281,7 +271,7 @@ pub async fn update(pool: &PgPool, id: Uuid, c: &CampaignInput) -> CoreResult<Ca
     .bind(c.max_parallel)
     .fetch_optional(&mut *tx)
     .await
-    .map_err(|e| name_conflict(e, &c.name))?
+    .map_err(|e| CoreError::name_taken(e, "campaign", &c.name))?
     .ok_or_else(|| CoreError::not_found(format!("campaign {id}")))?;
     tx.commit().await?;
     Ok(from_row(&row)?)

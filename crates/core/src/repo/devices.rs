@@ -12,6 +12,16 @@ use crate::{
     repo::events::{self, Subject},
 };
 
+/// The columns `from_row` reads, of a device aliased `d`. Written once.
+macro_rules! device_columns {
+    () => {
+        "d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id, \
+         d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner, \
+         d.lease_expires_at, d.metadata, d.created_at, d.updated_at"
+    };
+}
+pub(crate) use device_columns;
+
 /// SQL condition: device `d` matches the selector JSON bound as `$SEL`. Kept beside
 /// `Selector::matches`, which states the same rule in Rust.
 macro_rules! selector_matches {
@@ -221,8 +231,15 @@ pub async fn create(pool: &PgPool, d: &NewDevice) -> CoreResult<Device> {
 
 /// Inserts unless the serial exists (then `None`).
 async fn insert(conn: &mut PgConnection, d: &NewDevice) -> CoreResult<Option<Device>> {
-    let sql = const_format_insert();
-    let row = sqlx::query(sql)
+    let row = sqlx::query(concat!(
+        "WITH d AS (
+            INSERT INTO devices (id, serial, name, platform, model, pool, labels, driver, host_id, status, metadata)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            ON CONFLICT (serial) DO NOTHING
+            RETURNING *) SELECT ",
+        device_columns!(),
+        " FROM d"
+    ))
         .bind(Uuid::new_v4())
         .bind(&d.serial)
         .bind(&d.name)
@@ -238,17 +255,6 @@ async fn insert(conn: &mut PgConnection, d: &NewDevice) -> CoreResult<Option<Dev
         .await
         .map_err(host_fk_error)?;
     Ok(row.as_ref().map(from_row).transpose()?)
-}
-
-fn const_format_insert() -> &'static str {
-    "WITH d AS (
-        INSERT INTO devices (id, serial, name, platform, model, pool, labels, driver, host_id, status, metadata)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-        ON CONFLICT (serial) DO NOTHING
-        RETURNING *)
-     SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-            d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-            d.lease_expires_at, d.metadata, d.created_at, d.updated_at FROM d"
 }
 
 fn host_fk_error(e: sqlx::Error) -> CoreError {
@@ -277,7 +283,7 @@ pub async fn seed(pool: &PgPool, devices: &[NewDevice]) -> CoreResult<usize> {
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
-    let row = sqlx::query(const_select_one())
+    let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices d WHERE d.id = $1"))
         .bind(id)
         .fetch_optional(pool)
         .await?
@@ -285,18 +291,11 @@ pub async fn get(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
     Ok(from_row(&row)?)
 }
 
-fn const_select_one() -> &'static str {
-    "SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-            d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-            d.lease_expires_at, d.metadata, d.created_at, d.updated_at
-     FROM devices d WHERE d.id = $1"
-}
-
 pub async fn list(pool: &PgPool, filter: &DeviceFilter, limit: i64, cursor: Option<Cursor>) -> CoreResult<Page<Device>> {
-    let rows = sqlx::query(
-        "SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-                d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-                d.lease_expires_at, d.metadata, d.created_at, d.updated_at
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        device_columns!(),
+        "
          FROM devices d
          WHERE ($1::text IS NULL OR d.status = $1)
            AND ($2::text IS NULL OR d.pool = $2)
@@ -304,8 +303,8 @@ pub async fn list(pool: &PgPool, filter: &DeviceFilter, limit: i64, cursor: Opti
            AND ($4::uuid IS NULL OR d.host_id = $4)
            AND ($5::timestamptz IS NULL OR (d.created_at, d.id) < ($5, $6))
          ORDER BY d.created_at DESC, d.id DESC
-         LIMIT $7",
-    )
+         LIMIT $7"
+    ))
     .bind(filter.status.map(|s| s.as_str()))
     .bind(&filter.pool)
     .bind(&filter.label)
@@ -321,7 +320,7 @@ pub async fn list(pool: &PgPool, filter: &DeviceFilter, limit: i64, cursor: Opti
 
 pub async fn update(pool: &PgPool, id: Uuid, p: &DevicePatch) -> CoreResult<Device> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         "WITH d AS (
             UPDATE devices SET
                 name = COALESCE($2, name),
@@ -333,11 +332,10 @@ pub async fn update(pool: &PgPool, id: Uuid, p: &DevicePatch) -> CoreResult<Devi
                 host_id = CASE WHEN $9 THEN $10 ELSE host_id END,
                 metadata = COALESCE($11, metadata),
                 updated_at = now()
-            WHERE id = $1 RETURNING *)
-         SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-                d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-                d.lease_expires_at, d.metadata, d.created_at, d.updated_at FROM d",
-    )
+            WHERE id = $1 RETURNING *) SELECT ",
+        device_columns!(),
+        " FROM d"
+    ))
     .bind(id)
     .bind(&p.name)
     .bind(&p.platform)
@@ -404,13 +402,12 @@ pub async fn reset_breaker(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
         .fetch_optional(&mut *tx)
         .await?;
     let Some(before) = before else { return Err(CoreError::not_found(format!("device {id}"))) };
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         "WITH d AS (UPDATE devices SET breaker_state = 'closed', breaker_failures = 0, breaker_trips = 0,
-                breaker_open_until = NULL, updated_at = now() WHERE id = $1 RETURNING *)
-         SELECT d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-                d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-                d.lease_expires_at, d.metadata, d.created_at, d.updated_at FROM d",
-    )
+                breaker_open_until = NULL, updated_at = now() WHERE id = $1 RETURNING *) SELECT ",
+        device_columns!(),
+        " FROM d"
+    ))
     .bind(id)
     .fetch_one(&mut *tx)
     .await?;

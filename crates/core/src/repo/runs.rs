@@ -18,7 +18,7 @@ use crate::{
     model::{BreakerState, Device, Lease, Run, RunKind, RunStatus, RunStep, StepStatus, Trigger, event_types},
     pagination::{Cursor, Page},
     repo::{
-        devices::{self, selector_matches},
+        devices::{self, device_columns, selector_matches},
         events::{self, Subject},
     },
     selector::Selector,
@@ -443,17 +443,17 @@ pub async fn claim_for_device(pool: &PgPool, device_id: Uuid, owner: &str, ttl: 
 /// Leases the (locked, claimable) device and the (locked, queued) run to `owner`.
 async fn assign(tx: &mut PgConnection, run_id: Uuid, device_id: Uuid, owner: &str, ttl: Duration) -> CoreResult<Claimed> {
     let ttl_s = ttl.as_secs_f64();
-    let drow = sqlx::query(
+    let drow = sqlx::query(concat!(
         "WITH prev AS (SELECT breaker_state FROM devices WHERE id = $1),
          d AS (UPDATE devices SET lease_run_id = $2, lease_owner = $3,
                  lease_expires_at = now() + make_interval(secs => $4),
                  breaker_state = CASE WHEN breaker_state = 'open' THEN 'half_open' ELSE breaker_state END,
                  updated_at = now()
                WHERE id = $1 RETURNING *)
-         SELECT (SELECT breaker_state FROM prev) AS prev_breaker, d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id,
-            d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner,
-            d.lease_expires_at, d.metadata, d.created_at, d.updated_at FROM d"
-    )
+         SELECT (SELECT breaker_state FROM prev) AS prev_breaker, ",
+        device_columns!(),
+        " FROM d"
+    ))
     .bind(device_id)
     .bind(run_id)
     .bind(owner)

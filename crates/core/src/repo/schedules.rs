@@ -17,7 +17,7 @@ use crate::{
     cron_expr::{CronExpr, parse_tz},
     error::FieldErrors,
     input::Fields,
-    model::{RunKind, RunStatus, Trigger},
+    model::{RunKind, RunStatus, Trigger, string_enum},
     pagination::{Cursor, Page},
     repo::{
         campaigns::{self, CampaignStart},
@@ -29,26 +29,8 @@ use crate::{
     selector::Selector,
 };
 
-macro_rules! schedule_enum {
-    ($name:ident { $($variant:ident => $text:literal),+ }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($variant),+ }
-        impl $name {
-            pub const ALL: &'static [&'static str] = &[$($text),+];
-            pub fn as_str(&self) -> &'static str { match self { $(Self::$variant => $text),+ } }
-        }
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s { $($text => Ok(Self::$variant),)+ other => Err(format!("must be one of {}, got {:?}", Self::ALL.join(", "), other)) }
-            }
-        }
-    };
-}
-
-schedule_enum!(Misfire { Skip => "skip", FireOnce => "fire_once" });
-schedule_enum!(Overlap { Allow => "allow", Skip => "skip", BufferOne => "buffer_one" });
+string_enum!(Misfire { Skip => "skip", FireOnce => "fire_once" });
+string_enum!(Overlap { Allow => "allow", Skip => "skip", BufferOne => "buffer_one" });
 
 /// What a schedule starts: a module, workflow or campaign, with params and devices.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -293,13 +275,6 @@ fn next_fire(cron: &str, tz: &str, enabled: bool, after: DateTime<Utc>) -> CoreR
     Ok(expr.next_after(tz, after))
 }
 
-fn name_conflict(e: sqlx::Error, name: &str) -> CoreError {
-    match CoreError::from(e) {
-        CoreError::Conflict(_) => CoreError::Conflict(format!("a schedule named {name:?} already exists")),
-        other => other,
-    }
-}
-
 pub async fn create(pool: &PgPool, input: &ScheduleInput) -> CoreResult<Schedule> {
     let target = input.target.clone().expect("parsed for create");
     let mut tx = pool.begin().await?;
@@ -324,7 +299,7 @@ pub async fn create(pool: &PgPool, input: &ScheduleInput) -> CoreResult<Schedule
     .bind(next)
     .fetch_one(&mut *tx)
     .await
-    .map_err(|e| name_conflict(e, &name))?;
+    .map_err(|e| CoreError::name_taken(e, "schedule", &name))?;
     notify_changed(&mut tx, id).await?;
     tx.commit().await?;
     get(pool, id).await
@@ -381,7 +356,7 @@ pub async fn update(pool: &PgPool, id: Uuid, p: &ScheduleInput) -> CoreResult<Sc
     .bind(next)
     .execute(&mut *tx)
     .await
-    .map_err(|e| name_conflict(e, &name))?;
+    .map_err(|e| CoreError::name_taken(e, "schedule", &name))?;
     notify_changed(&mut tx, id).await?;
     tx.commit().await?;
     get(pool, id).await

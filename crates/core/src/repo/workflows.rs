@@ -159,13 +159,6 @@ fn from_row(r: &PgRow) -> Result<Workflow, sqlx::Error> {
     })
 }
 
-fn name_conflict(e: sqlx::Error, name: &str) -> CoreError {
-    match CoreError::from(e) {
-        CoreError::Conflict(_) => CoreError::Conflict(format!("a workflow named {name:?} already exists")),
-        other => other,
-    }
-}
-
 pub async fn create(pool: &PgPool, w: &WorkflowInput) -> CoreResult<Workflow> {
     let row = sqlx::query(
         "INSERT INTO workflows (id, name, description, steps) VALUES ($1, $2, $3, $4)
@@ -177,7 +170,7 @@ pub async fn create(pool: &PgPool, w: &WorkflowInput) -> CoreResult<Workflow> {
     .bind(json!(w.steps))
     .fetch_one(pool)
     .await
-    .map_err(|e| name_conflict(e, &w.name))?;
+    .map_err(|e| CoreError::name_taken(e, "workflow", &w.name))?;
     Ok(from_row(&row)?)
 }
 
@@ -218,7 +211,7 @@ pub async fn update(pool: &PgPool, id: Uuid, w: &WorkflowInput) -> CoreResult<Wo
     .bind(json!(w.steps))
     .fetch_optional(pool)
     .await
-    .map_err(|e| name_conflict(e, &w.name))?
+    .map_err(|e| CoreError::name_taken(e, "workflow", &w.name))?
     .ok_or_else(|| CoreError::not_found(format!("workflow {id}")))?;
     Ok(from_row(&row)?)
 }
