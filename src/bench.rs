@@ -145,7 +145,11 @@ impl Deployment {
         if let Ok(client) = redis::Client::open(self.redis_url.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.namespace)).query_async(&mut conn).await.unwrap_or_default();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
             for chunk in keys.chunks(500) {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
             }
@@ -202,7 +206,9 @@ async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String>
 async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").fetch_one(pool).await?;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+            .fetch_one(pool)
+            .await?;
         if left == 0 {
             return Ok(());
         }
@@ -248,15 +254,27 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     let mut rounds = Vec::new();
     for round in 0..cfg.rounds {
         eprintln!("round {}/{} ...", round + 1, cfg.rounds);
-        let pg = timed(300, || async { sqlx::query("SELECT 1").execute(&dep.pool).await.map(|_| ()).map_err(Into::into) }).await?;
+        let pg =
+            timed(300, || async { sqlx::query("SELECT 1").execute(&dep.pool).await.map(|_| ()).map_err(Into::into) })
+                .await?;
         let rd = timed(300, || {
             let mut c = redis_conn.clone();
             async move { redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()).map_err(Into::into) }
         })
         .await?;
-        let health = timed(300, || async { http.get(format!("{}/health", dep.base)).send().await?.bytes().await.map(|_| ()).map_err(Into::into) }).await?;
+        let health = timed(300, || async {
+            http.get(format!("{}/health", dep.base)).send().await?.bytes().await.map(|_| ()).map_err(Into::into)
+        })
+        .await?;
         let get_run = timed(300, || async {
-            http.get(format!("{}/api/v1/runs/{id}", dep.base)).bearer_auth(TOKEN).send().await?.bytes().await.map(|_| ()).map_err(Into::into)
+            http.get(format!("{}/api/v1/runs/{id}", dep.base))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .bytes()
+                .await
+                .map(|_| ())
+                .map_err(Into::into)
         })
         .await?;
 
@@ -271,10 +289,12 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         }
         wait_idle(&dep.pool, Duration::from_secs(60)).await?;
         let uuids: Vec<uuid::Uuid> = lat_ids.iter().filter_map(|s| uuid::Uuid::parse_str(s).ok()).collect();
-        let rows = sqlx::query("SELECT (extract(epoch FROM (started_at - queued_at)) * 1000)::float8 AS ms FROM runs WHERE id = ANY ($1)")
-            .bind(&uuids)
-            .fetch_all(&dep.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT (extract(epoch FROM (started_at - queued_at)) * 1000)::float8 AS ms FROM runs WHERE id = ANY ($1)",
+        )
+        .bind(&uuids)
+        .fetch_all(&dep.pool)
+        .await?;
         let e2s: Vec<f64> = rows.iter().filter_map(|r| r.try_get::<f64, _>("ms").ok()).collect();
 
         // Throughput: many clients submit `runs` zero-length runs.
@@ -360,18 +380,65 @@ async fn fire_lag(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -
 
 fn print_report(cfg: &BenchConfig, r: &Value) {
     let f = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-    println!("switchboard bench: {} sim devices, worker concurrency {}, {} rounds (medians)", cfg.devices, cfg.worker_concurrency, cfg.rounds);
-    println!("  baseline  postgres SELECT 1   p50 {} ms  p99 {} ms", f(&r["baseline"]["postgres_select1_ms"]["p50"]), f(&r["baseline"]["postgres_select1_ms"]["p99"]));
-    println!("  baseline  redis PING          p50 {} ms  p99 {} ms", f(&r["baseline"]["redis_ping_ms"]["p50"]), f(&r["baseline"]["redis_ping_ms"]["p99"]));
-    println!("  baseline  GET /health         p50 {} ms  p99 {} ms", f(&r["baseline"]["http_health_ms"]["p50"]), f(&r["baseline"]["http_health_ms"]["p99"]));
-    println!("  enqueue-to-start (idle)       p50 {} ms  p99 {} ms  (p50 = {} postgres round trips)", f(&r["enqueue_to_start_ms"]["p50"]), f(&r["enqueue_to_start_ms"]["p99"]), f(&r["enqueue_to_start_ms"]["p50_in_postgres_round_trips"]));
-    println!("  API POST .../runs             p50 {} ms  p99 {} ms", f(&r["api_ms"]["post_run"]["p50"]), f(&r["api_ms"]["post_run"]["p99"]));
-    println!("  API GET /runs/{{id}}            p50 {} ms  p99 {} ms", f(&r["api_ms"]["get_run"]["p50"]), f(&r["api_ms"]["get_run"]["p99"]));
-    println!("  enqueue throughput            {} runs/s ({} clients)", f(&r["throughput"]["enqueue_per_s"]), cfg.clients);
-    println!("  end-to-end throughput         {} runs/s ({} runs per round)", f(&r["throughput"]["end_to_end_runs_per_s"]), cfg.runs);
-    println!("  memory (RSS)                  api {} MiB, worker {} MiB, scheduler {} MiB", f(&r["memory_rss_mib"]["api"]), f(&r["memory_rss_mib"]["worker"]), f(&r["memory_rss_mib"]["scheduler"]));
+    println!(
+        "switchboard bench: {} sim devices, worker concurrency {}, {} rounds (medians)",
+        cfg.devices, cfg.worker_concurrency, cfg.rounds
+    );
+    println!(
+        "  baseline  postgres SELECT 1   p50 {} ms  p99 {} ms",
+        f(&r["baseline"]["postgres_select1_ms"]["p50"]),
+        f(&r["baseline"]["postgres_select1_ms"]["p99"])
+    );
+    println!(
+        "  baseline  redis PING          p50 {} ms  p99 {} ms",
+        f(&r["baseline"]["redis_ping_ms"]["p50"]),
+        f(&r["baseline"]["redis_ping_ms"]["p99"])
+    );
+    println!(
+        "  baseline  GET /health         p50 {} ms  p99 {} ms",
+        f(&r["baseline"]["http_health_ms"]["p50"]),
+        f(&r["baseline"]["http_health_ms"]["p99"])
+    );
+    println!(
+        "  enqueue-to-start (idle)       p50 {} ms  p99 {} ms  (p50 = {} postgres round trips)",
+        f(&r["enqueue_to_start_ms"]["p50"]),
+        f(&r["enqueue_to_start_ms"]["p99"]),
+        f(&r["enqueue_to_start_ms"]["p50_in_postgres_round_trips"])
+    );
+    println!(
+        "  API POST .../runs             p50 {} ms  p99 {} ms",
+        f(&r["api_ms"]["post_run"]["p50"]),
+        f(&r["api_ms"]["post_run"]["p99"])
+    );
+    println!(
+        "  API GET /runs/{{id}}            p50 {} ms  p99 {} ms",
+        f(&r["api_ms"]["get_run"]["p50"]),
+        f(&r["api_ms"]["get_run"]["p99"])
+    );
+    println!(
+        "  enqueue throughput            {} runs/s ({} clients)",
+        f(&r["throughput"]["enqueue_per_s"]),
+        cfg.clients
+    );
+    println!(
+        "  end-to-end throughput         {} runs/s ({} runs per round)",
+        f(&r["throughput"]["end_to_end_runs_per_s"]),
+        cfg.runs
+    );
+    println!(
+        "  memory (RSS)                  api {} MiB, worker {} MiB, scheduler {} MiB",
+        f(&r["memory_rss_mib"]["api"]),
+        f(&r["memory_rss_mib"]["worker"]),
+        f(&r["memory_rss_mib"]["scheduler"])
+    );
     if r["schedule_fire_lag_ms"].is_object() {
         let l = &r["schedule_fire_lag_ms"];
-        println!("  schedule fire lag             p50 {} ms  p99 {} ms  max {} ms  over {} ticks", f(&l["p50"]), f(&l["p99"]), f(&l["max"]), l["ticks"]);
+        println!(
+            "  schedule fire lag             p50 {} ms  p99 {} ms  max {} ms  over {} ticks",
+            f(&l["p50"]),
+            f(&l["p99"]),
+            f(&l["max"]),
+            l["ticks"]
+        );
     }
 }

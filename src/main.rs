@@ -117,7 +117,11 @@ fn dev_farm() -> Vec<NewDevice> {
             platform: "android".into(),
             model: Some(models[(i - 1) % models.len()].into()),
             pool: "sim".into(),
-            labels: if i % 2 == 0 { vec!["android".into(), "lte".into(), "volte".into()] } else { vec!["android".into(), "lte".into()] },
+            labels: if i % 2 == 0 {
+                vec!["android".into(), "lte".into(), "volte".into()]
+            } else {
+                vec!["android".into(), "lte".into()]
+            },
             driver: Driver::Sim,
             host_id: None,
             status: DeviceStatus::Online,
@@ -126,7 +130,12 @@ fn dev_farm() -> Vec<NewDevice> {
         .collect()
 }
 
-async fn dev(common: CommonConfig, mut api: ApiConfig, worker: WorkerConfig, scheduler: SchedulerConfig) -> anyhow::Result<()> {
+async fn dev(
+    common: CommonConfig,
+    mut api: ApiConfig,
+    worker: WorkerConfig,
+    scheduler: SchedulerConfig,
+) -> anyhow::Result<()> {
     let pool = migrate(&common).await?;
     let created = devices::seed(&pool, &dev_farm()).await?;
     pool.close().await;

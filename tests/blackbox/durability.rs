@@ -21,7 +21,10 @@ async fn sigkill_mid_run_restarts_on_another_worker_exactly_once() {
     let device = api.device("dur-kill-1", "lab", json!({})).await;
     let run = api.start("sleep", json!({"params": {"ms": 5000}, "device": {"pool": "lab"}})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "run running", || async { (api.run(&id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "run running", || async {
+        (api.run(&id).await["status"] == "running").then_some(())
+    })
+    .await;
     a.sigkill();
     let _b = env.worker(FAST);
 
@@ -46,7 +49,10 @@ async fn a_frozen_worker_cannot_finish_a_run_that_was_reassigned() {
     api.device("dur-stop-1", "lab", json!({})).await;
     let run = api.start("sleep", json!({"params": {"ms": 3000}, "device": {"pool": "lab"}})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "run running", || async { (api.run(&id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "run running", || async {
+        (api.run(&id).await["status"] == "running").then_some(())
+    })
+    .await;
     a.sigstop();
     let _b = env.worker(FAST);
     // Reassigned: attempt 2 running on the other worker.
@@ -106,7 +112,9 @@ async fn infrastructure_errors_retry_with_growing_delays_and_verdicts_do_not() {
     let _w = env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "100")]));
     api.device("dur-retry-1", "lab", json!({})).await;
 
-    let run = api.start("sleep", json!({"params": {"ms": 10, "outcome": "error"}, "device": {"pool": "lab"}, "max_attempts": 3})).await;
+    let run = api
+        .start("sleep", json!({"params": {"ms": 10, "outcome": "error"}, "device": {"pool": "lab"}, "max_attempts": 3}))
+        .await;
     let id = run["id"].as_str().unwrap();
     let run = api.wait_terminal(id, Duration::from_secs(40)).await;
     assert_eq!(run["status"], "errored", "{run}");
@@ -125,7 +133,8 @@ async fn infrastructure_errors_retry_with_growing_delays_and_verdicts_do_not() {
     // Delays grow: each requeue records its not_before; the second backoff is longer
     // than the first (server-side schedule, not wall-clock luck), and no attempt
     // started before its not_before.
-    let starts: Vec<DateTime<Utc>> = events.iter().filter(|e| e["type"] == "run.started").map(|e| ts(&e["at"])).collect();
+    let starts: Vec<DateTime<Utc>> =
+        events.iter().filter(|e| e["type"] == "run.started").map(|e| ts(&e["at"])).collect();
     let delay = |e: &Value| ts(&e["data"]["not_before"]) - ts(&e["at"]);
     let (d1, d2) = (delay(requeues[0]), delay(requeues[1]));
     assert!(d1.num_milliseconds() >= 250, "first backoff {d1}");
@@ -133,7 +142,12 @@ async fn infrastructure_errors_retry_with_growing_delays_and_verdicts_do_not() {
     assert!(starts[1] >= ts(&requeues[0]["data"]["not_before"]));
     assert!(starts[2] >= ts(&requeues[1]["data"]["not_before"]));
 
-    let run = api.start("sleep", json!({"params": {"ms": 10, "outcome": "failed"}, "device": {"pool": "lab"}, "max_attempts": 3})).await;
+    let run = api
+        .start(
+            "sleep",
+            json!({"params": {"ms": 10, "outcome": "failed"}, "device": {"pool": "lab"}, "max_attempts": 3}),
+        )
+        .await;
     let run = api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(20)).await;
     assert_eq!((run["status"].as_str(), run["attempt"].as_i64()), (Some("failed"), Some(1)));
 }
@@ -143,7 +157,8 @@ async fn a_failing_device_trips_its_breaker_gets_one_probe_and_can_be_reset() {
     let env = Env::new();
     let api = env.api(&[]);
     let _scheduler = env.scheduler(FAST);
-    let _w = env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "3"), ("SWITCHBOARD_BREAKER_COOLDOWN_S", "3")]));
+    let _w =
+        env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "3"), ("SWITCHBOARD_BREAKER_COOLDOWN_S", "3")]));
     let bad = api.device("dur-brk-bad", "bp", json!({"error_rate": 1.0})).await;
     let bad_id = bad["id"].as_str().unwrap().to_string();
     api.device("dur-brk-ok1", "bp", json!({})).await;
@@ -164,7 +179,12 @@ async fn a_failing_device_trips_its_breaker_gets_one_probe_and_can_be_reset() {
     // While open, pool runs land on the healthy devices only.
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(api.start("sleep", json!({"params": {"ms": 20}, "device": {"pool": "bp"}})).await["id"].as_str().unwrap().to_string());
+        ids.push(
+            api.start("sleep", json!({"params": {"ms": 20}, "device": {"pool": "bp"}})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     for id in &ids {
         let r = api.wait_terminal(id, Duration::from_secs(20)).await;
@@ -201,11 +221,12 @@ async fn a_failing_device_trips_its_breaker_gets_one_probe_and_can_be_reset() {
     api.wait_terminal(second["id"].as_str().unwrap(), Duration::from_secs(20)).await;
 
     let pg = env.pg().await;
-    let kinds: Vec<String> = sqlx::query_scalar("SELECT type FROM events WHERE device_id = $1 AND type LIKE 'device.breaker%' ORDER BY id")
-        .bind(uuid::Uuid::parse_str(&bad_id).unwrap())
-        .fetch_all(&pg)
-        .await
-        .unwrap();
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT type FROM events WHERE device_id = $1 AND type LIKE 'device.breaker%' ORDER BY id")
+            .bind(uuid::Uuid::parse_str(&bad_id).unwrap())
+            .fetch_all(&pg)
+            .await
+            .unwrap();
     assert_eq!(&kinds[..2], ["device.breaker_opened", "device.breaker_opened"], "{kinds:?}");
     assert!(kinds.contains(&"device.breaker_closed".to_string()), "{kinds:?}");
 }
@@ -221,18 +242,26 @@ async fn a_busy_pool_never_delays_another_pool_and_never_double_books() {
     api.device("dur-pb-0", "pool-b", json!({})).await;
     let mut ids = Vec::new();
     for _ in 0..24 {
-        ids.push(api.start("sleep", json!({"params": {"ms": 300}, "device": {"pool": "pool-a"}})).await["id"].as_str().unwrap().to_string());
+        ids.push(
+            api.start("sleep", json!({"params": {"ms": 300}, "device": {"pool": "pool-a"}})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let other = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "pool-b"}})).await;
     let other = api.wait_terminal(other["id"].as_str().unwrap(), Duration::from_secs(10)).await;
     let waited = ts(&other["started_at"]) - ts(&other["queued_at"]);
     assert!(waited.num_milliseconds() < 1000, "pool-b run waited {waited} behind pool-a's backlog");
 
-    let mut by_device: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut by_device: crate::harness::SpansByDevice = HashMap::new();
     for id in &ids {
         let r = api.wait_terminal(id, Duration::from_secs(60)).await;
         assert_eq!(r["status"], "succeeded");
-        by_device.entry(r["device_id"].as_str().unwrap().into()).or_default().push((ts(&r["started_at"]), ts(&r["finished_at"])));
+        by_device
+            .entry(r["device_id"].as_str().unwrap().into())
+            .or_default()
+            .push((ts(&r["started_at"]), ts(&r["finished_at"])));
     }
     for spans in by_device.values_mut() {
         spans.sort();
@@ -250,7 +279,10 @@ async fn cancel_and_timeout() {
     // Running: interrupted at once, device released.
     let long = api.start("sleep", json!({"params": {"ms": 30000}, "device": {"pool": "lab"}})).await;
     let long_id = long["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "running", || async { (api.run(&long_id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "running", || async {
+        (api.run(&long_id).await["status"] == "running").then_some(())
+    })
+    .await;
     // Queued behind it.
     let queued = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "lab"}})).await;
     let r = api.post(&format!("/api/v1/runs/{}/cancel", queued["id"].as_str().unwrap()), json!({})).await;
@@ -283,7 +315,10 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     api.device("dur-term-1", "lab", json!({})).await;
     let run = api.start("sleep", json!({"params": {"ms": 1500}, "device": {"pool": "lab"}})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "running", || async { (api.run(&id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "running", || async {
+        (api.run(&id).await["status"] == "running").then_some(())
+    })
+    .await;
     w.sigterm();
     let code = w.wait_exit(Duration::from_secs(12)).expect("worker should exit within the grace period");
     assert_eq!(code, Some(0));
@@ -307,7 +342,10 @@ async fn sigterm_hands_back_what_outlives_the_grace_period() {
     api.device("dur-term-2", "lab", json!({})).await;
     let run = api.start("sleep", json!({"params": {"ms": 4000}, "device": {"pool": "lab"}, "max_attempts": 1})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "running", || async { (api.run(&id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "running", || async {
+        (api.run(&id).await["status"] == "running").then_some(())
+    })
+    .await;
     w.sigterm();
     assert_eq!(w.wait_exit(Duration::from_secs(8)).expect("exit"), Some(0));
     let r = api.run(&id).await;
@@ -396,11 +434,15 @@ async fn redis_memory_returns_to_idle_after_five_thousand_runs() {
     }
     let pg = env.pg().await;
     eventually(Duration::from_secs(240), "5000 runs finished", || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").fetch_one(&pg).await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
         (left == 0).then_some(())
     })
     .await;
-    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'").fetch_one(&pg).await.unwrap();
+    let done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'").fetch_one(&pg).await.unwrap();
     assert_eq!(done, 5001);
     let (peak_keys, peak_bytes) = namespace_footprint(&env).await;
     let (keys, bytes) = eventually(Duration::from_secs(60), "redis back near idle", || async {
@@ -427,7 +469,12 @@ async fn a_live_worker_pool_survives_losing_its_redis_keys() {
     assert!(env.delete_redis_keys().await > 0);
     let mut ids = Vec::new();
     for _ in 0..10 {
-        ids.push(api.start("sleep", json!({"params": {"ms": 5}, "device": {"pool": "lab"}})).await["id"].as_str().unwrap().to_string());
+        ids.push(
+            api.start("sleep", json!({"params": {"ms": 5}, "device": {"pool": "lab"}})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     for id in &ids {
         let r = api.wait_terminal(id, Duration::from_secs(40)).await;
@@ -443,7 +490,10 @@ async fn a_freed_device_goes_to_the_highest_priority_then_oldest_waiting_run() {
     api.device("dur-prio-1", "solo", json!({})).await;
     let blocker = api.start("sleep", json!({"params": {"ms": 1000}, "device": {"pool": "solo"}})).await;
     let blocker_id = blocker["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "blocker running", || async { (api.run(&blocker_id).await["status"] == "running").then_some(()) }).await;
+    eventually(Duration::from_secs(20), "blocker running", || async {
+        (api.run(&blocker_id).await["status"] == "running").then_some(())
+    })
+    .await;
     let low_old = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 1})).await;
     let high_old = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 8})).await;
     let high_new = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 8})).await;

@@ -54,7 +54,12 @@ async fn a_failed_verdict_is_final_and_not_retried() {
     let api = env.api(&[]);
     let _worker = env.worker(&[]);
     api.device("bb-fail-1", "lab", json!({})).await;
-    let run = api.start("sleep", json!({"params": {"ms": 50, "outcome": "failed"}, "device": {"serial": "bb-fail-1"}, "max_attempts": 3})).await;
+    let run = api
+        .start(
+            "sleep",
+            json!({"params": {"ms": 50, "outcome": "failed"}, "device": {"serial": "bb-fail-1"}, "max_attempts": 3}),
+        )
+        .await;
     let run = api.wait_terminal(run["id"].as_str().unwrap(), T).await;
     assert_eq!(run["status"], "failed");
     assert_eq!(run["attempt"], 1);
@@ -69,18 +74,27 @@ async fn bad_input_gets_a_precise_envelope_and_changes_nothing() {
     let api = env.api(&[]);
     api.device("bb-val-1", "lab", json!({})).await;
 
-    let r = api.post("/api/v1/modules/ping/runs", json!({"params": {"count": "four", "colour": 1}, "device": {"pool": "lab"}})).await;
+    let r = api
+        .post("/api/v1/modules/ping/runs", json!({"params": {"count": "four", "colour": 1}, "device": {"pool": "lab"}}))
+        .await;
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert_eq!(r.body["error"]["code"], "validation_failed");
     let fields = &r.body["error"]["details"]["fields"];
     assert_eq!(fields["params.count"], "must be an integer (got a string)");
     assert!(fields["params.colour"].as_str().unwrap().starts_with("unknown parameter"));
 
-    let r = api.post("/api/v1/modules/sleep/runs", json!({"params": {"outcome": "passed"}, "device": {"pool": "lab"}})).await;
+    let r = api
+        .post("/api/v1/modules/sleep/runs", json!({"params": {"outcome": "passed"}, "device": {"pool": "lab"}}))
+        .await;
     assert_eq!(r.status, 422);
     assert_eq!(r.body["error"]["details"]["fields"]["params.ms"], "is required");
 
-    let r = api.post("/api/v1/modules/sleep/runs", json!({"params": {"ms": 1}, "device": {"id": "not-a-uuid"}, "priority": 12})).await;
+    let r = api
+        .post(
+            "/api/v1/modules/sleep/runs",
+            json!({"params": {"ms": 1}, "device": {"id": "not-a-uuid"}, "priority": 12}),
+        )
+        .await;
     assert_eq!(r.status, 422);
     assert!(r.body["error"]["details"]["fields"]["device.id"].is_string());
     assert!(r.body["error"]["details"]["fields"]["priority"].is_string());
@@ -90,14 +104,28 @@ async fn bad_input_gets_a_precise_envelope_and_changes_nothing() {
     assert_eq!(r.body["error"]["details"]["fields"]["device"], "no registered device matches this selector");
 
     // Malformed JSON, wrong content type, unknown module.
-    let raw = api.client.post(format!("{}/api/v1/modules/sleep/runs", api.base)).bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "application/json").body("{\"params\": ").send().await.unwrap();
+    let raw = api
+        .client
+        .post(format!("{}/api/v1/modules/sleep/runs", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body("{\"params\": ")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.status().as_u16(), 400);
     let body: Value = raw.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_request");
     assert!(body["error"]["message"].as_str().unwrap().contains("malformed JSON"));
-    let raw = api.client.post(format!("{}/api/v1/devices", api.base)).bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/plain").body("serial=x").send().await.unwrap();
+    let raw = api
+        .client
+        .post(format!("{}/api/v1/devices", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/plain")
+        .body("serial=x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.status().as_u16(), 415);
     let r = api.post("/api/v1/modules/teleport/runs", json!({})).await;
     assert_eq!(r.status, 404);
@@ -128,8 +156,14 @@ async fn not_found_unauthorized_and_method_errors_are_envelopes() {
     assert_eq!(r.body["error"]["code"], "not_found");
 
     // A client's request id is echoed.
-    let raw = api.client.get(format!("{}/api/v1/runs/{missing}", api.base)).bearer_auth(ADMIN_TOKEN)
-        .header("x-request-id", "trace-me-42").send().await.unwrap();
+    let raw = api
+        .client
+        .get(format!("{}/api/v1/runs/{missing}", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.headers()["x-request-id"], "trace-me-42");
     let body: Value = raw.json().await.unwrap();
     assert_eq!(body["error"]["request_id"], "trace-me-42");
@@ -174,12 +208,15 @@ async fn device_registry_crud() {
     let dup = api.post("/api/v1/devices", json!({"serial": "bb-crud-1", "driver": "sim"})).await;
     assert_eq!(dup.status, 409);
     assert_eq!(dup.body["error"]["code"], "conflict");
-    let bad = api.post("/api/v1/devices", json!({"serial": "x", "driver": "usb", "metadata": {"sim": {"error_rate": 2}}})).await;
+    let bad = api
+        .post("/api/v1/devices", json!({"serial": "x", "driver": "usb", "metadata": {"sim": {"error_rate": 2}}}))
+        .await;
     assert_eq!(bad.status, 422);
     assert!(bad.body["error"]["details"]["fields"]["driver"].is_string());
     assert!(bad.body["error"]["details"]["fields"]["metadata.sim.error_rate"].is_string());
 
-    let p = api.patch(&format!("/api/v1/devices/{id}"), json!({"labels": ["volte", "5g"], "status": "maintenance"})).await;
+    let p =
+        api.patch(&format!("/api/v1/devices/{id}"), json!({"labels": ["volte", "5g"], "status": "maintenance"})).await;
     assert_eq!(p.status, 200);
     assert_eq!(p.body["labels"], json!(["5g", "volte"]));
     assert_eq!(p.body["status"], "maintenance");
@@ -208,7 +245,18 @@ async fn catalog_lists_every_builtin_module_with_schemas() {
     let api = env.api(&[]);
     let r = api.get("/api/v1/modules").await;
     let ids: Vec<&str> = r.body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    for m in ["ping", "airplane_mode", "mobile_data", "wifi", "send_sms", "voice_call", "reboot", "device_info", "capture_logs", "sleep"] {
+    for m in [
+        "ping",
+        "airplane_mode",
+        "mobile_data",
+        "wifi",
+        "send_sms",
+        "voice_call",
+        "reboot",
+        "device_info",
+        "capture_logs",
+        "sleep",
+    ] {
         assert!(ids.contains(&m), "{m} missing from {ids:?}");
     }
     let sleep = api.get("/api/v1/modules/sleep").await;
@@ -231,7 +279,7 @@ async fn forty_concurrent_runs_on_four_devices_never_share_a_device() {
         let run = api.start("sleep", json!({"params": {"ms": 60}, "device": {"pool": "farm"}})).await;
         ids.push(run["id"].as_str().unwrap().to_string());
     }
-    let mut by_device: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut by_device: crate::harness::SpansByDevice = HashMap::new();
     for id in &ids {
         let run = api.wait_terminal(id, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "succeeded", "{run}");
@@ -258,7 +306,8 @@ async fn a_waiting_run_starts_when_its_device_frees() {
     api.device("bb-wait-1", "solo", json!({})).await;
     let first = api.start("sleep", json!({"params": {"ms": 800}, "device": {"pool": "solo"}})).await;
     let first_id = first["id"].as_str().unwrap().to_string();
-    eventually(T, "first run running", || async { (api.run(&first_id).await["status"] == "running").then_some(()) }).await;
+    eventually(T, "first run running", || async { (api.run(&first_id).await["status"] == "running").then_some(()) })
+        .await;
     let second = api.start("sleep", json!({"params": {"ms": 10}, "device": {"pool": "solo"}, "priority": 9})).await;
     let second_id = second["id"].as_str().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -280,7 +329,15 @@ async fn openapi_document_is_public_and_lists_the_routes() {
     let r = api.request("GET", "/api/v1/openapi.json", None, None).await;
     assert_eq!(r.status, 200);
     assert!(r.body["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/health/full", "/api/v1/devices", "/api/v1/devices/{id}", "/api/v1/modules/{id}/runs", "/api/v1/runs", "/api/v1/runs/{id}", "/api/v1/runs/{id}/events"] {
+    for path in [
+        "/health/full",
+        "/api/v1/devices",
+        "/api/v1/devices/{id}",
+        "/api/v1/modules/{id}/runs",
+        "/api/v1/runs",
+        "/api/v1/runs/{id}",
+        "/api/v1/runs/{id}/events",
+    ] {
         assert!(r.body["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
     }
 }
@@ -291,9 +348,14 @@ async fn idempotency_key_returns_the_first_run() {
     let api = env.api(&[]);
     api.device("bb-idem-1", "lab", json!({})).await;
     let send = || async {
-        api.client.post(format!("{}/api/v1/modules/sleep/runs", api.base)).bearer_auth(ADMIN_TOKEN)
-            .header("idempotency-key", "nightly-2026-11-22").json(&json!({"params": {"ms": 1}, "device": {"pool": "lab"}}))
-            .send().await.unwrap()
+        api.client
+            .post(format!("{}/api/v1/modules/sleep/runs", api.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("idempotency-key", "nightly-2026-11-22")
+            .json(&json!({"params": {"ms": 1}, "device": {"pool": "lab"}}))
+            .send()
+            .await
+            .unwrap()
     };
     let first = send().await;
     assert_eq!(first.status().as_u16(), 202);
@@ -371,7 +433,15 @@ async fn dev_mode_prints_a_curl_that_starts_a_run_that_succeeds() {
     let client = reqwest::Client::new();
     let mut run = Value::Null;
     for _ in 0..100 {
-        run = client.get(format!("{base}/api/v1/runs/{id}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        run = client
+            .get(format!("{base}/api/v1/runs/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if run["status"] == "succeeded" {
             break;
         }

@@ -161,8 +161,15 @@ async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Ve
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {
-        let (next, batch): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(conn).await.expect("scan");
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("scan");
         keys.extend(batch);
         if next == 0 {
             return keys;
@@ -179,7 +186,11 @@ impl Drop for Env {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
             rt.block_on(async move {
-                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{PG_BASE}/postgres")).await {
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&format!("{PG_BASE}/postgres"))
+                    .await
+                {
                     let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
                     let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
                 }
@@ -308,7 +319,10 @@ impl Api {
     /// Registers a sim device and returns it.
     pub async fn device(&self, serial: &str, pool: &str, sim: Value) -> Value {
         let r = self
-            .post("/api/v1/devices", json!({"serial": serial, "pool": pool, "driver": "sim", "model": "Pixel 8", "metadata": {"sim": sim}}))
+            .post(
+                "/api/v1/devices",
+                json!({"serial": serial, "pool": pool, "driver": "sim", "model": "Pixel 8", "metadata": {"sim": sim}}),
+            )
             .await;
         assert_eq!(r.status, 201, "create device: {:?}", r.body);
         r.body
@@ -370,7 +384,8 @@ pub fn types(events: &[Value]) -> Vec<String> {
 
 /// A TCP proxy the test owns, to cut a process off from Postgres (or Redis) without
 /// touching the shared server. `cut` drops every connection and refuses new ones until
-/// `restore`.
+/// `restore`; `blackhole` is a silent partition: connections stay open, but nothing
+/// passes either way (the peer's calls hang instead of failing) until `restore`.
 pub struct Proxy {
     pub port: u16,
     state: std::sync::Arc<ProxyState>,
@@ -378,7 +393,35 @@ pub struct Proxy {
 
 struct ProxyState {
     cut: std::sync::atomic::AtomicBool,
+    /// While true, no byte is forwarded (but nothing is closed either).
+    held: tokio::sync::watch::Sender<bool>,
     generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// Copies one direction, pausing (not dropping) while the proxy is black-holed.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just as the partition began are held back, like packets in flight.
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -386,22 +429,27 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().unwrap().port();
         let (generation, _) = tokio::sync::watch::channel(0u64);
-        let state = std::sync::Arc::new(ProxyState { cut: false.into(), generation });
+        let (held, _) = tokio::sync::watch::channel(false);
+        let state = std::sync::Arc::new(ProxyState { cut: false.into(), held, generation });
         let upstream = upstream.to_string();
         let st = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else { return };
                 if st.cut.load(std::sync::atomic::Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
                 let upstream = upstream.clone();
                 let mut gen_rx = st.generation.subscribe();
+                let held = st.held.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = pump(cr, sw, held.clone()) => {}
+                        _ = pump(sr, cw, held) => {}
                         _ = gen_rx.changed() => {}
                     }
                 });
@@ -415,9 +463,28 @@ impl Proxy {
         self.state.generation.send_modify(|g| *g += 1);
     }
 
+    /// A silent partition: every call through the proxy hangs.
+    pub fn blackhole(&self) {
+        self.state.held.send_replace(true);
+    }
+
     pub fn restore(&self) {
         self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        if self.state.held.send_replace(false) {
+            // Connections that sat through a partition are dropped, as a real one would be.
+            self.state.generation.send_modify(|g| *g += 1);
+        }
     }
+}
+
+/// The JSON log lines a process wrote (started with `SWITCHBOARD_LOG_FORMAT=json`).
+pub fn json_logs(env: &Env, role: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for n in 0.. {
+        let Ok(text) = std::fs::read_to_string(env.log_dir.join(format!("{role}-{n}.log"))) else { break };
+        out.extend(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()));
+    }
+    out
 }
 
 /// Fast leases, reconciles and retries, so recovery tests finish in seconds.
@@ -432,6 +499,10 @@ pub const FAST: &[(&str, &str)] = &[
 pub fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     base.iter().chain(more.iter()).cloned().collect()
 }
+
+/// Each device's (started_at, finished_at) spans.
+pub type SpansByDevice =
+    std::collections::HashMap<String, Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>>;
 
 /// An RFC 3339 timestamp from a JSON value.
 pub fn ts(v: &Value) -> chrono::DateTime<chrono::Utc> {

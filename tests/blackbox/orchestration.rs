@@ -65,11 +65,16 @@ async fn a_workflow_runs_its_steps_in_order_on_one_device() {
     for i in 0..3 {
         api.device(&format!("orc-wf-{i}"), "lab", json!({"latency_ms": 10})).await;
     }
-    let wf = workflow(&api, "smoke", json!([
-        {"module": "device_info"},
-        {"module": "ping", "params": {"count": 2}},
-        {"module": "sleep", "params": {"ms": 50}},
-    ])).await;
+    let wf = workflow(
+        &api,
+        "smoke",
+        json!([
+            {"module": "device_info"},
+            {"module": "ping", "params": {"count": 2}},
+            {"module": "sleep", "params": {"ms": 50}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
     let run = api.wait_terminal(&id, T).await;
     assert_eq!(run["status"], "succeeded", "{run}");
@@ -97,14 +102,24 @@ async fn continue_on_failure_and_a_failing_step() {
     let api = env.api(&[]);
     let _w = env.worker(&[]);
     api.device("orc-cof-1", "lab", json!({})).await;
-    let tolerant = workflow(&api, "tolerant", json!([
-        {"module": "sleep", "params": {"ms": 10, "outcome": "failed"}, "continue_on_failure": true},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
-    let strict = workflow(&api, "strict", json!([
-        {"module": "sleep", "params": {"ms": 10, "outcome": "failed"}},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let tolerant = workflow(
+        &api,
+        "tolerant",
+        json!([
+            {"module": "sleep", "params": {"ms": 10, "outcome": "failed"}, "continue_on_failure": true},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
+    let strict = workflow(
+        &api,
+        "strict",
+        json!([
+            {"module": "sleep", "params": {"ms": 10, "outcome": "failed"}},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let a = start_workflow(&api, &tolerant, json!({"device": {"pool": "lab"}})).await;
     let b = start_workflow(&api, &strict, json!({"device": {"pool": "lab"}})).await;
     let a = api.wait_terminal(&a, T).await;
@@ -125,22 +140,37 @@ async fn workflow_definitions_are_validated_versioned_and_snapshotted() {
     let env = Env::new();
     let api = env.api(&[]);
     api.device("orc-def-1", "lab", json!({})).await;
-    let r = api.post("/api/v1/workflows", json!({"name": "bad", "steps": [
-        {"module": "ping"}, {"module": "teleport"}, {"module": "sleep", "params": {"ms": "soon"}}
-    ]})).await;
+    let r = api
+        .post(
+            "/api/v1/workflows",
+            json!({"name": "bad", "steps": [
+                {"module": "ping"}, {"module": "teleport"}, {"module": "sleep", "params": {"ms": "soon"}}
+            ]}),
+        )
+        .await;
     assert_eq!(r.status, 422);
     let fields = &r.body["error"]["details"]["fields"];
     assert!(fields["steps[1].module"].as_str().unwrap().starts_with("unknown module"), "{fields}");
     assert_eq!(fields["steps[2].params.ms"], "must be an integer (got a string)");
 
     let wf = workflow(&api, "snap", json!([{"module": "sleep", "params": {"ms": 10}}])).await;
-    assert_eq!(api.post("/api/v1/workflows", json!({"name": "snap", "steps": [{"module": "reboot"}]})).await.status, 409);
+    assert_eq!(
+        api.post("/api/v1/workflows", json!({"name": "snap", "steps": [{"module": "reboot"}]})).await.status,
+        409
+    );
 
     // No worker yet: the run stays queued while the workflow is edited.
     let run = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
-    let put = api.request("PUT", &format!("/api/v1/workflows/{wf}"), Some(json!({"name": "snap", "steps": [
-        {"module": "sleep", "params": {"ms": 10}}, {"module": "sleep", "params": {"ms": 10}}
-    ]})), Some(crate::harness::ADMIN_TOKEN)).await;
+    let put = api
+        .request(
+            "PUT",
+            &format!("/api/v1/workflows/{wf}"),
+            Some(json!({"name": "snap", "steps": [
+                {"module": "sleep", "params": {"ms": 10}}, {"module": "sleep", "params": {"ms": 10}}
+            ]})),
+            Some(crate::harness::ADMIN_TOKEN),
+        )
+        .await;
     assert_eq!(put.status, 200);
     assert_eq!(put.body["version"], 2);
     let _w = env.worker(&[]);
@@ -163,11 +193,16 @@ async fn an_infrastructure_error_resumes_the_workflow_at_the_failed_step() {
     let _s = env.scheduler(FAST);
     let _w = env.worker(&[("SWITCHBOARD_RETRY_BASE_MS", "200"), ("SWITCHBOARD_BREAKER_THRESHOLD", "100")]);
     api.device("orc-resume-1", "lab", json!({})).await;
-    let wf = workflow(&api, "flaky", json!([
-        {"module": "sleep", "params": {"ms": 10}},
-        {"module": "sleep", "params": {"ms": 10, "outcome": "error"}},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let wf = workflow(
+        &api,
+        "flaky",
+        json!([
+            {"module": "sleep", "params": {"ms": 10}},
+            {"module": "sleep", "params": {"ms": 10, "outcome": "error"}},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}, "max_attempts": 3})).await;
     let run = api.wait_terminal(&id, T).await;
     assert_eq!(run["status"], "errored", "{run}");
@@ -185,10 +220,15 @@ async fn pause_and_resume_between_steps_keeps_the_device() {
     let api = env.api(&[]);
     let _w = env.worker(&[]);
     let device = api.device("orc-pause-1", "lab", json!({})).await;
-    let wf = workflow(&api, "pausable", json!([
-        {"module": "sleep", "params": {"ms": 400}},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let wf = workflow(
+        &api,
+        "pausable",
+        json!([
+            {"module": "sleep", "params": {"ms": 400}},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
     eventually(T, "step 0 running", || async {
         let r = api.run(&id).await;
@@ -225,7 +265,8 @@ async fn a_campaign_never_exceeds_max_parallel_and_summarises() {
     for i in 0..6 {
         api.device(&format!("orc-par-{i}"), "farm", json!({})).await;
     }
-    let items: Vec<Value> = (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 300}, "device": {"pool": "farm"}})).collect();
+    let items: Vec<Value> =
+        (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 300}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "six", "items": items, "max_parallel": 2})).await;
     let run = start_campaign(&api, &c).await;
     let parent = api.wait_terminal(&run, Duration::from_secs(60)).await;
@@ -250,19 +291,27 @@ async fn stop_on_failure_cancels_the_children_not_yet_started() {
     for i in 0..4 {
         api.device(&format!("orc-stop-{i}"), "farm", json!({})).await;
     }
-    let c = campaign(&api, json!({"name": "stopper", "stop_on_failure": true, "max_parallel": 2, "items": [
-        {"module": "sleep", "params": {"ms": 400}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 20, "outcome": "failed"}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
-    ]})).await;
+    let c = campaign(
+        &api,
+        json!({"name": "stopper", "stop_on_failure": true, "max_parallel": 2, "items": [
+            {"module": "sleep", "params": {"ms": 400}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 20, "outcome": "failed"}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 10}, "device": {"pool": "farm"}},
+        ]}),
+    )
+    .await;
     let run = start_campaign(&api, &c).await;
     let parent = api.wait_terminal(&run, T).await;
     assert_eq!(parent["status"], "failed", "{parent}");
     assert_eq!(parent["result"]["stopped_on_failure"], true);
     let counts = &parent["result"]["counts"];
-    assert_eq!((counts["succeeded"].as_i64(), counts["failed"].as_i64(), counts["cancelled"].as_i64()), (Some(1), Some(1), Some(3)), "{counts}");
+    assert_eq!(
+        (counts["succeeded"].as_i64(), counts["failed"].as_i64(), counts["cancelled"].as_i64()),
+        (Some(1), Some(1), Some(3)),
+        "{counts}"
+    );
     for k in children(&api, &run).await {
         if k["status"] == "cancelled" {
             assert!(k["started_at"].is_null(), "only children not yet started are cancelled: {k}");
@@ -279,7 +328,8 @@ async fn a_campaign_survives_its_worker_being_killed() {
     for i in 0..3 {
         api.device(&format!("orc-kill-{i}"), "farm", json!({})).await;
     }
-    let items: Vec<Value> = (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 1000}, "device": {"pool": "farm"}})).collect();
+    let items: Vec<Value> =
+        (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 1000}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "crashy", "items": items, "max_parallel": 2})).await;
     let run = start_campaign(&api, &c).await;
     eventually(T, "two children running", || async {
@@ -319,7 +369,8 @@ async fn cancelling_a_campaign_cancels_its_children() {
     for i in 0..2 {
         api.device(&format!("orc-cc-{i}"), "farm", json!({})).await;
     }
-    let items: Vec<Value> = (0..4).map(|_| json!({"module": "sleep", "params": {"ms": 30000}, "device": {"pool": "farm"}})).collect();
+    let items: Vec<Value> =
+        (0..4).map(|_| json!({"module": "sleep", "params": {"ms": 30000}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "long", "items": items, "max_parallel": 2})).await;
     let run = start_campaign(&api, &c).await;
     eventually(T, "two children running", || async {
@@ -344,7 +395,8 @@ async fn retry_makes_a_new_run_of_the_same_snapshot() {
     for i in 0..2 {
         api.device(&format!("orc-retry-{i}"), "farm", json!({})).await;
     }
-    let failed = api.start("sleep", json!({"params": {"ms": 5, "outcome": "failed"}, "device": {"pool": "farm"}})).await;
+    let failed =
+        api.start("sleep", json!({"params": {"ms": 5, "outcome": "failed"}, "device": {"pool": "farm"}})).await;
     let failed_id = failed["id"].as_str().unwrap();
     api.wait_terminal(failed_id, T).await;
     let r = api.post(&format!("/api/v1/runs/{failed_id}/retry"), json!({})).await;
@@ -352,11 +404,15 @@ async fn retry_makes_a_new_run_of_the_same_snapshot() {
     assert_eq!((r.body["trigger"].as_str(), r.body["retry_of"].as_str()), (Some("retry"), Some(failed_id)));
     assert_eq!(r.body["definition"], failed["definition"]);
 
-    let c = campaign(&api, json!({"name": "mixed", "max_parallel": 2, "items": [
-        {"module": "sleep", "params": {"ms": 5}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 5, "outcome": "failed"}, "device": {"pool": "farm"}},
-        {"module": "sleep", "params": {"ms": 5}, "device": {"pool": "farm"}},
-    ]})).await;
+    let c = campaign(
+        &api,
+        json!({"name": "mixed", "max_parallel": 2, "items": [
+            {"module": "sleep", "params": {"ms": 5}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 5, "outcome": "failed"}, "device": {"pool": "farm"}},
+            {"module": "sleep", "params": {"ms": 5}, "device": {"pool": "farm"}},
+        ]}),
+    )
+    .await;
     let run = start_campaign(&api, &c).await;
     let parent = api.wait_terminal(&run, T).await;
     assert_eq!(parent["status"], "failed");
@@ -375,13 +431,19 @@ async fn cancel_interrupts_the_current_step_and_step_timeouts_end_the_run() {
     let api = env.api(&[]);
     let _w = env.worker(&[]);
     let device = api.device("orc-wfc-1", "lab", json!({})).await;
-    let wf = workflow(&api, "long-middle", json!([
-        {"module": "sleep", "params": {"ms": 10}},
-        {"module": "sleep", "params": {"ms": 30000}},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let wf = workflow(
+        &api,
+        "long-middle",
+        json!([
+            {"module": "sleep", "params": {"ms": 10}},
+            {"module": "sleep", "params": {"ms": 30000}},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
-    eventually(T, "step 1 running", || async { (api.run(&id).await["steps"][1]["status"] == "running").then_some(()) }).await;
+    eventually(T, "step 1 running", || async { (api.run(&id).await["steps"][1]["status"] == "running").then_some(()) })
+        .await;
     let r = api.post(&format!("/api/v1/runs/{id}/cancel"), json!({})).await;
     assert_eq!((r.status, r.body["status"].as_str()), (200, Some("cancelled")), "{}", r.body);
     let steps = r.body["steps"].as_array().unwrap();
@@ -390,11 +452,16 @@ async fn cancel_interrupts_the_current_step_and_step_timeouts_end_the_run() {
     let d = api.get(&format!("/api/v1/devices/{}", device["id"].as_str().unwrap())).await.body;
     assert_eq!(d["lease"], Value::Null);
 
-    let slow = workflow(&api, "slow-step", json!([
-        {"module": "sleep", "params": {"ms": 10}},
-        {"module": "sleep", "params": {"ms": 5000}, "timeout_s": 1},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let slow = workflow(
+        &api,
+        "slow-step",
+        json!([
+            {"module": "sleep", "params": {"ms": 10}},
+            {"module": "sleep", "params": {"ms": 5000}, "timeout_s": 1},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &slow, json!({"device": {"pool": "lab"}})).await;
     let run = api.wait_terminal(&id, T).await;
     assert_eq!(run["status"], "timed_out", "{run}");
@@ -411,14 +478,21 @@ async fn a_paused_workflow_stays_paused_across_a_worker_restart() {
     let api = env.api(&[]);
     let mut w = env.worker(&[("SWITCHBOARD_SHUTDOWN_GRACE_S", "1")]);
     api.device("orc-pstop-1", "lab", json!({})).await;
-    let wf = workflow(&api, "pause-restart", json!([
-        {"module": "sleep", "params": {"ms": 300}},
-        {"module": "sleep", "params": {"ms": 10}},
-    ])).await;
+    let wf = workflow(
+        &api,
+        "pause-restart",
+        json!([
+            {"module": "sleep", "params": {"ms": 300}},
+            {"module": "sleep", "params": {"ms": 10}},
+        ]),
+    )
+    .await;
     let id = start_workflow(&api, &wf, json!({"device": {"pool": "lab"}})).await;
-    eventually(T, "step 0 running", || async { (api.run(&id).await["steps"][0]["status"] == "running").then_some(()) }).await;
+    eventually(T, "step 0 running", || async { (api.run(&id).await["steps"][0]["status"] == "running").then_some(()) })
+        .await;
     assert_eq!(api.post(&format!("/api/v1/runs/{id}/pause"), json!({})).await.status, 200);
-    eventually(T, "step 0 done", || async { (api.run(&id).await["steps"][0]["status"] == "passed").then_some(()) }).await;
+    eventually(T, "step 0 done", || async { (api.run(&id).await["steps"][0]["status"] == "passed").then_some(()) })
+        .await;
     w.sigterm();
     assert_eq!(w.wait_exit(Duration::from_secs(10)).expect("exit"), Some(0));
     let r = api.run(&id).await;

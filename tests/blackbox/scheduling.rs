@@ -49,7 +49,8 @@ async fn bad_schedules_get_precise_422s_and_good_ones_preview_and_trigger() {
         ("not cron", "UTC", "cron", "expected 5 fields"),
         ("0 2 * * 1-5", "Mars/Olympus", "timezone", "unknown time zone"),
     ] {
-        let r = api.post("/api/v1/schedules", json!({"name": "x", "cron": cron, "timezone": tz, "target": target})).await;
+        let r =
+            api.post("/api/v1/schedules", json!({"name": "x", "cron": cron, "timezone": tz, "target": target})).await;
         assert_eq!(r.status, 422, "{cron} {tz}: {:?}", r.body);
         assert_eq!(r.body["error"]["code"], "validation_failed");
         let msg = r.body["error"]["details"]["fields"][field].as_str().unwrap_or_default();
@@ -63,15 +64,23 @@ async fn bad_schedules_get_precise_422s_and_good_ones_preview_and_trigger() {
     assert!(r.body["error"]["details"]["fields"]["target.id"].as_str().unwrap().starts_with("no workflow"));
     assert_eq!(api.get("/api/v1/schedules").await.body["items"], json!([]), "bad input changed nothing");
 
-    let id = schedule(&api, json!({"name": "weekday-nights", "cron": "0 2 * * 1-5", "timezone": "Europe/Paris", "target": target})).await;
+    let id = schedule(
+        &api,
+        json!({"name": "weekday-nights", "cron": "0 2 * * 1-5", "timezone": "Europe/Paris", "target": target}),
+    )
+    .await;
     let s = api.get(&format!("/api/v1/schedules/{id}")).await.body;
-    assert_eq!((s["enabled"].as_bool(), s["misfire"].as_str(), s["overlap"].as_str()), (Some(true), Some("skip"), Some("allow")));
+    assert_eq!(
+        (s["enabled"].as_bool(), s["misfire"].as_str(), s["overlap"].as_str()),
+        (Some(true), Some("skip"), Some("allow"))
+    );
     let p = api.get(&format!("/api/v1/schedules/{id}/preview?count=7")).await;
     assert_eq!(p.status, 200);
     let items = p.body["items"].as_array().unwrap();
     assert_eq!(items.len(), 7);
     for it in items {
-        let local: chrono::DateTime<chrono::FixedOffset> = chrono::DateTime::parse_from_rfc3339(it["local"].as_str().unwrap()).unwrap();
+        let local: chrono::DateTime<chrono::FixedOffset> =
+            chrono::DateTime::parse_from_rfc3339(it["local"].as_str().unwrap()).unwrap();
         use chrono::{Datelike, Timelike};
         assert_eq!((local.hour(), local.minute()), (2, 0));
         assert!(!matches!(local.weekday(), chrono::Weekday::Sat | chrono::Weekday::Sun));
@@ -97,8 +106,12 @@ async fn three_schedulers_fire_each_second_exactly_once() {
     let env = Env::new();
     let api = env.api(&[]);
     api.device("sch-once-1", "lab", json!({})).await;
-    let id = schedule(&api, json!({"name": "every-second", "cron": "* * * * * *",
-        "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}})).await;
+    let id = schedule(
+        &api,
+        json!({"name": "every-second", "cron": "* * * * * *",
+        "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}}),
+    )
+    .await;
     // A generous grace: on a loaded machine a late tick still fires (this test is about
     // exactly once, not about timeliness).
     let schedulers: Vec<_> = (0..3).map(|_| env.scheduler(&[("SWITCHBOARD_MISFIRE_GRACE_MS", "5000")])).collect();
@@ -107,7 +120,13 @@ async fn three_schedulers_fire_each_second_exactly_once() {
     let t = ticks(&env, &id).await;
     assert!(t.len() >= 8, "only {} runs in 10 s", t.len());
     for w in t.windows(2) {
-        assert_eq!((w[1].0 - w[0].0).num_milliseconds(), 1000, "a duplicate or a gap between {} and {}", w[0].0, w[1].0);
+        assert_eq!(
+            (w[1].0 - w[0].0).num_milliseconds(),
+            1000,
+            "a duplicate or a gap between {} and {}",
+            w[0].0,
+            w[1].0
+        );
     }
     let s = api.get(&format!("/api/v1/schedules/{id}")).await.body;
     assert_eq!(s["stats"]["fired"].as_u64().unwrap() as usize, t.len());
@@ -122,8 +141,10 @@ async fn after_downtime_fire_once_catches_up_once_and_skip_does_not() {
     let api = env.api(&[]);
     api.device("sch-mis-1", "lab", json!({})).await;
     let target = json!({"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}});
-    let once = schedule(&api, json!({"name": "once", "cron": "* * * * * *", "misfire": "fire_once", "target": target})).await;
-    let skip = schedule(&api, json!({"name": "skip", "cron": "* * * * * *", "misfire": "skip", "target": target})).await;
+    let once =
+        schedule(&api, json!({"name": "once", "cron": "* * * * * *", "misfire": "fire_once", "target": target})).await;
+    let skip =
+        schedule(&api, json!({"name": "skip", "cron": "* * * * * *", "misfire": "skip", "target": target})).await;
     let grace = [("SWITCHBOARD_MISFIRE_GRACE_MS", "1000")];
     let mut s = env.scheduler(&grace);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -152,7 +173,10 @@ async fn after_downtime_fire_once_catches_up_once_and_skip_does_not() {
         }
         // Ticks before and after the downtime still ran.
         let outage = missed.iter().find(|m| m["count"].as_u64().unwrap() >= 3).unwrap();
-        assert!(t.iter().any(|(sf, _, _)| *sf < ts(&outage["first"])) && t.iter().any(|(sf, _, _)| *sf > ts(&outage["last"])));
+        assert!(
+            t.iter().any(|(sf, _, _)| *sf < ts(&outage["first"]))
+                && t.iter().any(|(sf, _, _)| *sf > ts(&outage["last"]))
+        );
         let stats = api.get(&format!("/api/v1/schedules/{id}")).await.body["stats"].clone();
         assert!(stats["missed"].as_u64().unwrap() >= 2, "{stats}");
     }
@@ -165,8 +189,12 @@ async fn overlap_skip_never_runs_two_at_once() {
     let _w = env.worker(&[]);
     api.device("sch-ovl-1", "lab", json!({})).await;
     api.device("sch-ovl-2", "lab", json!({})).await;
-    let id = schedule(&api, json!({"name": "slow", "cron": "* * * * * *", "overlap": "skip",
-        "target": {"kind": "module", "id": "sleep", "params": {"ms": 2500}, "device": {"pool": "lab"}}})).await;
+    let id = schedule(
+        &api,
+        json!({"name": "slow", "cron": "* * * * * *", "overlap": "skip",
+        "target": {"kind": "module", "id": "sleep", "params": {"ms": 2500}, "device": {"pool": "lab"}}}),
+    )
+    .await;
     let s = env.scheduler(&[]);
     tokio::time::sleep(Duration::from_secs(8)).await;
     drop(s);
@@ -191,15 +219,22 @@ async fn overlap_buffer_one_runs_one_more_when_the_active_one_ends() {
     let _w = env.worker(&[]);
     api.device("sch-buf-1", "lab", json!({})).await;
     api.device("sch-buf-2", "lab", json!({})).await;
-    let id = schedule(&api, json!({"name": "buffered", "cron": "* * * * * *", "overlap": "buffer_one",
-        "target": {"kind": "module", "id": "sleep", "params": {"ms": 2500}, "device": {"pool": "lab"}}})).await;
+    let id = schedule(
+        &api,
+        json!({"name": "buffered", "cron": "* * * * * *", "overlap": "buffer_one",
+        "target": {"kind": "module", "id": "sleep", "params": {"ms": 2500}, "device": {"pool": "lab"}}}),
+    )
+    .await;
     let s = env.scheduler(&[]);
     tokio::time::sleep(Duration::from_secs(7)).await;
     drop(s);
     let pg = env.pg().await;
     // Let the last started run end.
     for _ in 0..100 {
-        let active: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").fetch_one(&pg).await.unwrap();
+        let active: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
         if active == 0 {
             break;
         }
@@ -225,15 +260,29 @@ async fn a_broken_schedule_does_not_hold_back_the_others() {
     let env = Env::new();
     let api = env.api(&[]);
     api.device("sch-iso-1", "lab", json!({})).await;
-    let wf = api.post("/api/v1/workflows", json!({"name": "doomed", "steps": [{"module": "sleep", "params": {"ms": 1}}]})).await;
+    let wf = api
+        .post("/api/v1/workflows", json!({"name": "doomed", "steps": [{"module": "sleep", "params": {"ms": 1}}]}))
+        .await;
     let wf_id = wf.body["id"].as_str().unwrap().to_string();
-    let broken = schedule(&api, json!({"name": "broken", "cron": "* * * * * *",
-        "target": {"kind": "workflow", "id": wf_id, "device": {"pool": "lab"}}})).await;
-    let healthy = schedule(&api, json!({"name": "healthy", "cron": "* * * * * *",
-        "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}})).await;
+    let broken = schedule(
+        &api,
+        json!({"name": "broken", "cron": "* * * * * *",
+        "target": {"kind": "workflow", "id": wf_id, "device": {"pool": "lab"}}}),
+    )
+    .await;
+    let healthy = schedule(
+        &api,
+        json!({"name": "healthy", "cron": "* * * * * *",
+        "target": {"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}}}),
+    )
+    .await;
     // The workflow vanishes behind the API's back (a race the API cannot fully close).
     let pg = env.pg().await;
-    sqlx::query("DELETE FROM workflows WHERE id = $1").bind(uuid::Uuid::parse_str(&wf_id).unwrap()).execute(&pg).await.unwrap();
+    sqlx::query("DELETE FROM workflows WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&wf_id).unwrap())
+        .execute(&pg)
+        .await
+        .unwrap();
     let s = env.scheduler(&[]);
     tokio::time::sleep(Duration::from_secs(4)).await;
     drop(s);

@@ -13,36 +13,49 @@ tokio::task_local! {
     pub static REQUEST_ID: String;
 }
 
+/// The current request's id (empty outside a request).
 pub fn current_request_id() -> String {
     REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
 }
 
+/// An error answer: status, envelope code, message and details.
 #[derive(Debug)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The envelope code of the status.
     pub code: &'static str,
+    /// Said for people.
     pub message: String,
+    /// `{"fields": {...}}` for validation errors.
     pub details: Value,
 }
 
+/// Results of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
+    /// An error of `status`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, code: code_for(status), message: message.into(), details: json!({}) }
     }
+    /// 404.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
+    /// 400.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
+    /// 401.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, message)
     }
+    /// 422 about one field.
     pub fn invalid(field: &str, problem: &str) -> ApiError {
         CoreError::invalid(field, problem).into()
     }
+    /// The same error with details.
     pub fn with_details(mut self, details: Value) -> ApiError {
         self.details = details;
         self
@@ -85,6 +98,12 @@ impl From<CoreError> for ApiError {
                 // Internal errors are logged, never leaked.
                 tracing::error!(error = %e, "database error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+            CoreError::Unreadable(m) => {
+                // Stored data that does not decode: said plainly (it names a column,
+                // never a secret), so an operator can find and mend the row.
+                tracing::error!(error = %m, "unreadable stored data");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored data is unreadable: {m}"))
             }
             CoreError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

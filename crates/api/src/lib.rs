@@ -4,6 +4,7 @@ pub mod error;
 pub mod extract;
 pub mod middleware;
 pub mod openapi;
+pub mod requests;
 pub mod routes;
 
 use std::{sync::Arc, time::Instant};
@@ -15,23 +16,30 @@ use axum::{
     middleware::from_fn_with_state,
     routing::{get, post},
 };
-use sqlx::PgPool;
 use switchboard_core::{
     config::{ApiConfig, CommonConfig},
     db, ids,
+    model::ProcessRole,
     queue::Queue,
     repo::processes,
+    service::Engine,
 };
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+};
 
 use crate::error::ApiError;
 
+/// What every handler sees.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
-    pub queue: Queue,
+    /// Postgres and the queue.
+    pub engine: Engine,
+    /// This process's settings.
     pub config: Arc<ApiConfig>,
+    /// When the process started.
     pub started_at: Instant,
 }
 
@@ -42,7 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/system/info", get(system::info))
         .route("/devices", get(devices::list).post(devices::create))
         .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
-        .route("/devices/{id}/runs", get(runs::for_device))
+        .route("/devices/{id}/runs", get(devices::runs))
         .route("/devices/{id}/breaker/reset", post(devices::reset_breaker))
         .route("/modules", get(modules::list))
         .route("/modules/{id}", get(modules::get))
@@ -79,7 +87,10 @@ pub fn router(state: AppState) -> Router {
     if let Some(cors) = cors_layer(&state.config.cors_origins) {
         app = app.layer(cors);
     }
-    app.layer(from_fn_with_state(state.clone(), middleware::request_context)).with_state(state)
+    // Inside the request context, so a panic's 500 envelope carries the request id.
+    app.layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(from_fn_with_state(state.clone(), middleware::request_context))
+        .with_state(state)
 }
 
 fn cors_layer(origins: &str) -> Option<CorsLayer> {
@@ -96,7 +107,12 @@ fn cors_layer(origins: &str) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "idempotency-key".parse().expect("header name"), "x-request-id".parse().expect("header name")])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                "idempotency-key".parse().expect("header name"),
+                "x-request-id".parse().expect("header name"),
+            ])
             .expose_headers(["x-request-id".parse().expect("header name")]),
     )
 }
@@ -110,13 +126,16 @@ pub async fn run(common: CommonConfig, cfg: ApiConfig, shutdown: CancellationTok
 
 /// Binds the API's address (so a caller can learn the port before serving).
 pub async fn bind(cfg: &ApiConfig) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(&cfg.addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.addr))
+    tokio::net::TcpListener::bind(&cfg.addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.addr))
 }
 
 /// Serves the API on a bound listener until `shutdown`.
-pub async fn serve(common: CommonConfig, cfg: ApiConfig, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    common: CommonConfig,
+    cfg: ApiConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let me = ids::process_identity("api");
     tracing::info!(api = %me, "api starting: {} {}", common.summary(), cfg.summary());
     if cfg.admin_token.is_none() {
@@ -125,7 +144,8 @@ pub async fn serve(common: CommonConfig, cfg: ApiConfig, listener: tokio::net::T
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let addr = listener.local_addr()?;
-    let state = AppState { pool: pool.clone(), queue, config: Arc::new(cfg), started_at: Instant::now() };
+    let state =
+        AppState { engine: Engine::new(pool.clone(), queue), config: Arc::new(cfg), started_at: Instant::now() };
     println!("switchboard api listening on http://{addr}");
     tracing::info!(%addr, "api listening");
     let beat = {
@@ -135,7 +155,7 @@ pub async fn serve(common: CommonConfig, cfg: ApiConfig, listener: tokio::net::T
         tokio::spawn(async move {
             let info = serde_json::json!({"addr": addr.to_string(), "version": env!("CARGO_PKG_VERSION")});
             loop {
-                let _ = processes::beat(&pool, &me, "api", &info).await;
+                let _ = processes::beat(&pool, &me, ProcessRole::Api, &info).await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}

@@ -78,7 +78,8 @@ async fn ensure_envelope(resp: Response, request_id: &str) -> Response {
         return resp;
     }
     let (parts, body) = resp.into_parts();
-    let text = to_bytes(body, 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let text =
+        to_bytes(body, 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
     let message = match status {
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this path".to_string(),
         StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_string(),
@@ -91,6 +92,19 @@ async fn ensure_envelope(resp: Response, request_id: &str) -> Response {
         out.headers_mut().insert(header::ALLOW, allow.clone());
     }
     out
+}
+
+/// The answer to a handler that panicked: the 500 envelope with the request id (set
+/// by `request_context`, outside this layer), and the panic logged. Nothing reachable
+/// from a request should panic; this keeps one that does from dropping the connection.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    tracing::error!(panic = message, request_id = %crate::error::current_request_id(), "a handler panicked");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
 /// Bearer authentication for `/api/v1` (the OpenAPI document is routed outside it).

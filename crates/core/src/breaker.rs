@@ -1,9 +1,10 @@
 //! Circuit-breaker arithmetic, written once. State lives in Postgres (`devices`); this
-//! module only decides what the next state is.
+//! module only decides: what a finished run says about its device (`effect`), and what
+//! the breaker becomes (`next`). `repo::devices::release` carries the decision out.
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::model::BreakerState;
+use crate::{lifecycle::Ending, model::BreakerState, run_error::ErrorKind};
 
 /// What a finished run says about its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,18 +17,43 @@ pub enum Effect {
     Neutral,
 }
 
+/// What a run's ending says about its device. Only runs that touch the device judge
+/// it (a `sleep` run says nothing, and never closes a half-open breaker), and a
+/// missing driver is the deployment's fault, not the device's.
+pub fn effect(ending: Ending, touched_device: bool, error: Option<ErrorKind>) -> Effect {
+    if !touched_device {
+        return Effect::Neutral;
+    }
+    match ending {
+        Ending::Passed | Ending::Failed => Effect::Healthy,
+        Ending::TimedOut => Effect::Failure,
+        Ending::Error { .. } => match error {
+            Some(ErrorKind::DeviceUnreachable | ErrorKind::DriverError | ErrorKind::Timeout) => Effect::Failure,
+            _ => Effect::Neutral,
+        },
+        Ending::Cancelled | Ending::HandBack => Effect::Neutral,
+    }
+}
+
+/// A device's breaker columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerRow {
+    /// Closed, open or half-open.
     pub state: BreakerState,
+    /// Consecutive infrastructure errors.
     pub failures: i32,
     /// Consecutive openings; each one doubles the cooldown.
     pub trips: i32,
+    /// While open: when a probe may run.
     pub open_until: Option<DateTime<Utc>>,
 }
 
+/// A change of state worth an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// The breaker opened (or re-opened after a failed probe).
     Opened,
+    /// The breaker closed.
     Closed,
 }
 
@@ -49,9 +75,8 @@ pub fn next(
         }
         Effect::Failure => {
             let failures = row.failures.saturating_add(1);
-            let must_open = row.state == BreakerState::HalfOpen
-                || row.state == BreakerState::Open
-                || failures >= threshold.max(1);
+            let must_open =
+                row.state == BreakerState::HalfOpen || row.state == BreakerState::Open || failures >= threshold.max(1);
             if must_open {
                 let trips = row.trips.saturating_add(1);
                 let factor = 1i64 << (trips - 1).clamp(0, 20);
@@ -113,6 +138,27 @@ mod tests {
         assert_eq!((r2, t), (r, None));
         let (r3, t) = next(r, Effect::Healthy, 3, 60, now);
         assert_eq!((r3, t), (closed(), None));
+    }
+
+    #[test]
+    fn only_runs_that_touch_the_device_judge_it() {
+        use ErrorKind::*;
+        let error = |kind| (Ending::Error { retryable: true }, Some(kind));
+        let table = [
+            ((Ending::Passed, None), Effect::Healthy),
+            ((Ending::Failed, None), Effect::Healthy),
+            ((Ending::TimedOut, Some(Timeout)), Effect::Failure),
+            (error(DeviceUnreachable), Effect::Failure),
+            (error(DriverError), Effect::Failure),
+            (error(DriverUnavailable), Effect::Neutral),
+            (error(Interrupted), Effect::Neutral),
+            ((Ending::Cancelled, Some(Cancelled)), Effect::Neutral),
+            ((Ending::HandBack, Some(WorkerStopping)), Effect::Neutral),
+        ];
+        for ((ending, kind), want) in table {
+            assert_eq!(effect(ending, true, kind), want, "{ending:?} {kind:?}");
+            assert_eq!(effect(ending, false, kind), Effect::Neutral, "untouched {ending:?} {kind:?}");
+        }
     }
 
     #[test]

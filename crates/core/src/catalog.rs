@@ -4,14 +4,18 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{CoreError, CoreResult, error::FieldErrors, schema};
+use crate::{error::FieldErrors, schema};
 
 /// One module of the catalog.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModuleSpec {
+    /// Its id (`ping`), used in paths and definitions.
     pub id: &'static str,
+    /// Display name.
     pub name: &'static str,
+    /// What it does and when it fails.
     pub description: &'static str,
+    /// `network`, `radio`, `messaging`, ...
     pub category: &'static str,
     /// JSON Schema of `params`.
     pub params_schema: Value,
@@ -176,7 +180,7 @@ pub fn find(id: &str) -> Option<&'static ModuleSpec> {
 
 /// Validates `params` (absent means `{}`) for a module, returning them with defaults
 /// filled in. Errors name each bad field under `path` (`params`, `steps[2].params`).
-pub fn validate_params(module: &ModuleSpec, params: Option<&Value>, path: &str) -> CoreResult<Value> {
+pub fn validate_params(module: &ModuleSpec, params: Option<&Value>, path: &str) -> Result<Value, FieldErrors> {
     let mut value = match params {
         None | Some(Value::Null) => json!({}),
         Some(v) => v.clone(),
@@ -184,7 +188,7 @@ pub fn validate_params(module: &ModuleSpec, params: Option<&Value>, path: &str) 
     let mut errors = FieldErrors::new();
     schema::validate(&module.params_schema, &value, path, &mut errors);
     if !errors.is_empty() {
-        return Err(CoreError::invalid_fields(errors));
+        return Err(errors);
     }
     schema::apply_defaults(&module.params_schema, &mut value);
     Ok(value)
@@ -228,9 +232,9 @@ mod tests {
         let sleep = find("sleep").unwrap();
         let v = validate_params(sleep, Some(&json!({"ms": 5})), "params").unwrap();
         assert_eq!(v, json!({"ms": 5, "outcome": "passed"}));
-        match validate_params(sleep, Some(&json!({"ms": -1})), "params") {
-            Err(CoreError::Validation { fields, .. }) => assert!(fields.contains_key("params.ms")),
-            other => panic!("{other:?}"),
-        }
+        let e = validate_params(sleep, Some(&json!({"ms": -1})), "params").unwrap_err();
+        assert!(e.contains_key("params.ms"));
+        let e = validate_params(sleep, Some(&json!({"ms": 5000.0})), "params").unwrap_err();
+        assert_eq!(e["params.ms"], "must be an integer (got a number)");
     }
 }

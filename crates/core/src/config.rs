@@ -28,6 +28,7 @@ pub struct CommonConfig {
 }
 
 impl CommonConfig {
+    /// The lease TTL (at least one second).
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_s.max(1))
     }
@@ -65,6 +66,7 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
+    /// One line for the start-up log, the admin token redacted.
     pub fn summary(&self) -> String {
         format!(
             "api_addr={} admin_token={} cors_origins={:?} request_timeout_s={}",
@@ -103,6 +105,7 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// One line for the start-up log.
     pub fn summary(&self) -> String {
         format!(
             "concurrency={} poll_interval_ms={} shutdown_grace_s={} breaker_threshold={} breaker_cooldown_s={}",
@@ -128,13 +131,18 @@ pub struct SchedulerConfig {
     /// (downtime) and follow the schedule's `misfire` policy (milliseconds).
     #[arg(long, env = "SWITCHBOARD_MISFIRE_GRACE_MS", default_value_t = 1000)]
     pub misfire_grace_ms: u64,
+    /// Longest a run waits in the queue for a device before it ends `errored` with
+    /// `queue_wait_exceeded`, unless it sets its own `max_queue_wait_s` (seconds).
+    #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_WAIT_S", default_value_t = 86_400)]
+    pub max_queue_wait_s: u64,
 }
 
 impl SchedulerConfig {
+    /// One line for the start-up log.
     pub fn summary(&self) -> String {
         format!(
-            "reconcile_interval_s={} redispatch_after_s={} misfire_grace_ms={}",
-            self.reconcile_interval_s, self.redispatch_after_s, self.misfire_grace_ms
+            "reconcile_interval_s={} redispatch_after_s={} misfire_grace_ms={} max_queue_wait_s={}",
+            self.reconcile_interval_s, self.redispatch_after_s, self.misfire_grace_ms, self.max_queue_wait_s
         )
     }
 }

@@ -31,6 +31,8 @@ pub struct CronExpr {
 }
 
 impl CronExpr {
+    /// Parses five fields, six with seconds first, or a macro; the error says what is
+    /// wrong (`minute 61 is out of range`).
     pub fn parse(expr: &str) -> Result<CronExpr, String> {
         let trimmed = expr.trim();
         if trimmed.is_empty() {
@@ -43,14 +45,20 @@ impl CronExpr {
             "@daily" | "@midnight" => vec!["0 0 0 * * *".to_string()],
             "@hourly" => vec!["0 0 * * * *".to_string()],
             s if s.starts_with('@') => {
-                return Err(format!("unknown macro {trimmed:?} (expected @hourly, @daily, @weekly, @monthly or @yearly)"));
+                return Err(format!(
+                    "unknown macro {trimmed:?} (expected @hourly, @daily, @weekly, @monthly or @yearly)"
+                ));
             }
             _ => {
                 let fields: Vec<&str> = trimmed.split_whitespace().collect();
                 let (sec, rest) = match fields.len() {
                     5 => ("0", &fields[..]),
                     6 => (fields[0], &fields[1..]),
-                    n => return Err(format!("expected 5 fields (min hour day month weekday) or 6 with seconds first, got {n}")),
+                    n => {
+                        return Err(format!(
+                            "expected 5 fields (min hour day month weekday) or 6 with seconds first, got {n}"
+                        ));
+                    }
                 };
                 check_range("second", sec, 0, 59)?;
                 check_range("minute", rest[0], 0, 59)?;
@@ -79,6 +87,7 @@ impl CronExpr {
         Ok(CronExpr { source: trimmed.to_string(), schedules })
     }
 
+    /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -144,7 +153,9 @@ fn local_to_instant(tz: Tz, naive: NaiveDateTime) -> DateTime<Utc> {
 
 /// Parses a time zone name (IANA), with a precise error.
 pub fn parse_tz(name: &str) -> Result<Tz, String> {
-    Tz::from_str(name).map_err(|_| format!("unknown time zone {name:?} (expected an IANA name such as UTC, Europe/Paris or America/New_York)"))
+    Tz::from_str(name).map_err(|_| {
+        format!("unknown time zone {name:?} (expected an IANA name such as UTC, Europe/Paris or America/New_York)")
+    })
 }
 
 /// Checks numbers in a simple field (lists, ranges, steps of numbers) against bounds,
@@ -251,10 +262,18 @@ mod tests {
             assert_eq!(t.weekday(), Weekday::Sun, "{expr}");
         }
         let c = CronExpr::parse("0 9 * * 5-7").unwrap();
-        let days: Vec<Weekday> = c.between(Tz::UTC, utc("2026-11-23T00:00:00Z"), utc("2026-11-30T00:00:00Z"), 10).iter().map(|t| t.weekday()).collect();
+        let days: Vec<Weekday> = c
+            .between(Tz::UTC, utc("2026-11-23T00:00:00Z"), utc("2026-11-30T00:00:00Z"), 10)
+            .iter()
+            .map(|t| t.weekday())
+            .collect();
         assert_eq!(days, [Weekday::Fri, Weekday::Sat, Weekday::Sun]);
         let c = CronExpr::parse("0 9 * * */2").unwrap();
-        let days: Vec<Weekday> = c.between(Tz::UTC, utc("2026-11-22T00:00:00Z"), utc("2026-11-29T00:00:00Z"), 10).iter().map(|t| t.weekday()).collect();
+        let days: Vec<Weekday> = c
+            .between(Tz::UTC, utc("2026-11-22T00:00:00Z"), utc("2026-11-29T00:00:00Z"), 10)
+            .iter()
+            .map(|t| t.weekday())
+            .collect();
         assert_eq!(days, [Weekday::Sun, Weekday::Tue, Weekday::Thu, Weekday::Sat]);
     }
 

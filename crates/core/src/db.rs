@@ -53,12 +53,13 @@ pub async fn create_database_if_missing(url: &str) -> CoreResult<()> {
     }
     let admin = opts.clone().database("postgres");
     let mut conn = PgConnection::connect_with(&admin).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut conn)
-        .await?;
+    let exists =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#, name)
+            .fetch_one(&mut conn)
+            .await?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        // Runtime SQL: an identifier cannot be a bind parameter.
         let sql = format!("CREATE DATABASE {quoted}");
         match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
             Ok(_) => tracing::info!(database = %name, "created database"),
@@ -71,10 +72,14 @@ pub async fn create_database_if_missing(url: &str) -> CoreResult<()> {
     Ok(())
 }
 
+/// One round trip to Postgres, for health checks.
+pub async fn ping(pool: &PgPool) -> CoreResult<std::time::Duration> {
+    let start = std::time::Instant::now();
+    sqlx::query!("SELECT 1 AS one").fetch_one(pool).await?;
+    Ok(start.elapsed())
+}
+
 /// Applies every pending migration.
 pub async fn migrate(pool: &PgPool) -> CoreResult<()> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .map_err(|e| CoreError::Internal(format!("migration failed: {e}")))
+    MIGRATOR.run(pool).await.map_err(|e| CoreError::Internal(format!("migration failed: {e}")))
 }

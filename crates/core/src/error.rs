@@ -5,41 +5,58 @@ use std::collections::BTreeMap;
 /// Field name -> what is wrong with it.
 pub type FieldErrors = BTreeMap<String, String>;
 
+/// Everything a core operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
+    /// No such resource (404).
     #[error("{what} not found")]
-    NotFound { what: String },
+    NotFound {
+        /// What was looked for (`run 6f1c…`).
+        what: String,
+    },
+    /// The request conflicts with the resource's state (409).
     #[error("{0}")]
     Conflict(String),
+    /// Input that does not validate (422), naming each bad field.
     #[error("{message}")]
-    Validation { message: String, fields: FieldErrors },
+    Validation {
+        /// Names the first bad field.
+        message: String,
+        /// Every bad field.
+        fields: FieldErrors,
+    },
+    /// Input that cannot be read at all (400).
     #[error("{0}")]
     BadRequest(String),
-    /// A dependency (Postgres, Redis) is unreachable or timed out.
+    /// A dependency (Postgres, Redis) is unreachable or timed out (503).
     #[error("{0}")]
     Unavailable(String),
+    /// Stored data that does not decode: an error naming what, never a default.
+    #[error("stored data is unreadable: {0}")]
+    Unreadable(String),
+    /// Any other database error (logged, never shown).
     #[error("database error: {0}")]
     Database(sqlx::Error),
+    /// A Redis error.
     #[error("redis error: {0}")]
     Redis(String),
+    /// A bug or an impossible state (logged, never shown).
     #[error("{0}")]
     Internal(String),
 }
 
+/// Results of core operations.
 pub type CoreResult<T> = Result<T, CoreError>;
 
 impl CoreError {
+    /// A 404 naming what was not found.
     pub fn not_found(what: impl Into<String>) -> Self {
         CoreError::NotFound { what: what.into() }
     }
 
     /// A validation error about one field.
     pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        let field = field.into();
-        let problem = problem.into();
-        let mut fields = FieldErrors::new();
-        fields.insert(field.clone(), problem.clone());
-        CoreError::Validation { message: format!("{field}: {problem}"), fields }
+        CoreError::invalid_fields(FieldErrors::from([(field.into(), problem.into())]))
     }
 
     /// Maps a unique-violation on a definition's name to a 409 that names it.
@@ -59,20 +76,31 @@ impl CoreError {
         };
         CoreError::Validation { message, fields }
     }
+
+    /// Whether retrying the same operation soon may succeed (a connection lost, a pool
+    /// timed out), as opposed to an error the same call would meet again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CoreError::Unavailable(_) | CoreError::Redis(_))
+    }
 }
 
 impl From<sqlx::Error> for CoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::RowNotFound => CoreError::not_found("row"),
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
                 CoreError::Unavailable(format!("postgres unavailable: {e}"))
             }
+            sqlx::Error::ColumnDecode { index, source } => CoreError::Unreadable(format!("column {index}: {source}")),
+            sqlx::Error::Decode(source) => CoreError::Unreadable(source.to_string()),
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-                CoreError::Conflict(format!(
-                    "already exists ({})",
-                    db.constraint().unwrap_or("unique constraint")
-                ))
+                CoreError::Conflict(format!("already exists ({})", db.constraint().unwrap_or("unique constraint")))
+            }
+            // 57014: statement timeout; 55P03: lock timeout; 08xxx: connection exceptions.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c == "57014" || c == "55P03" || c.starts_with("08")) =>
+            {
+                CoreError::Unavailable(format!("postgres unavailable: {e}"))
             }
             _ => CoreError::Database(e),
         }

@@ -6,21 +6,27 @@ use uuid::Uuid;
 
 use crate::{CoreError, CoreResult};
 
+/// Items per page when `limit` is not given.
 pub const DEFAULT_LIMIT: i64 = 50;
+/// Most items per page.
 pub const MAX_LIMIT: i64 = 500;
 
 /// Position after which the next page starts: (created_at, id) of the last item seen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Cursor {
+    /// When the last item seen was created.
     pub created_at: DateTime<Utc>,
+    /// Its id (ties on `created_at` are ordered by id).
     pub id: Uuid,
 }
 
 impl Cursor {
+    /// The opaque form clients pass back.
     pub fn encode(&self) -> String {
         URL_SAFE_NO_PAD.encode(format!("{}|{}", self.created_at.timestamp_micros(), self.id))
     }
 
+    /// Reads a cursor this API returned (422 otherwise).
     pub fn decode(s: &str) -> CoreResult<Cursor> {
         let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
         let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
@@ -46,7 +52,9 @@ pub fn limit(requested: Option<i64>) -> CoreResult<i64> {
 /// A page of items and the cursor of the next page, if any.
 #[derive(Debug, serde::Serialize)]
 pub struct Page<T> {
+    /// This page's items.
     pub items: Vec<T>,
+    /// The cursor of the next page; null on the last one.
     pub next_cursor: Option<String>,
 }
 
@@ -60,17 +68,50 @@ impl<T> Page<T> {
     }
 }
 
+/// A page of a fixed, ordered list (the module catalog): the cursor is the position
+/// after the last item seen, encoded like the keyset cursors.
+pub fn slice<T: Clone>(items: &[T], limit: i64, cursor: Option<&str>) -> CoreResult<Page<T>> {
+    let start = match cursor {
+        None => 0,
+        Some(c) => {
+            let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
+            let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
+            let raw = String::from_utf8(raw).map_err(|_| bad())?;
+            raw.strip_prefix("at|")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n <= items.len())
+                .ok_or_else(bad)?
+        }
+    };
+    let end = (start + limit as usize).min(items.len());
+    let next_cursor = (end < items.len()).then(|| URL_SAFE_NO_PAD.encode(format!("at|{end}")));
+    Ok(Page { items: items[start..end].to_vec(), next_cursor })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn cursor_round_trip_and_rejects_garbage() {
-        let c = Cursor { created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: Uuid::new_v4() };
+        let c =
+            Cursor { created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: Uuid::new_v4() };
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(Cursor::decode("!!").is_err());
         assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode("x|y")).is_err());
         assert!(limit(Some(0)).is_err());
         assert_eq!(limit(None).unwrap(), 50);
+    }
+
+    #[test]
+    fn fixed_lists_page_by_position() {
+        let items = [1, 2, 3, 4, 5];
+        let first = slice(&items, 2, None).unwrap();
+        assert_eq!(first.items, [1, 2]);
+        let second = slice(&items, 2, first.next_cursor.as_deref()).unwrap();
+        assert_eq!(second.items, [3, 4]);
+        let last = slice(&items, 2, second.next_cursor.as_deref()).unwrap();
+        assert_eq!((last.items.as_slice(), last.next_cursor), (&[5][..], None));
+        assert!(slice(&items, 2, Some("garbage")).is_err());
     }
 }

@@ -19,14 +19,14 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-use crate::{CoreError, CoreResult};
+use crate::{CoreError, CoreResult, ids::RunId};
 
 /// What travels through Redis: the run to look at.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunJob {
-    pub run_id: Uuid,
+    /// The run.
+    pub run_id: RunId,
 }
 
 /// Redis response timeout. redis-rs defaults to 500 ms, and one timed-out response
@@ -48,10 +48,12 @@ pub fn connection(redis_url: &str) -> CoreResult<ConnectionManager> {
 /// Names of everything this deployment keeps in Redis.
 #[derive(Debug, Clone)]
 pub struct Keys {
+    /// The prefix of every key (`SWITCHBOARD_NAMESPACE`).
     pub namespace: String,
 }
 
 impl Keys {
+    /// The keys of a namespace.
     pub fn new(namespace: &str) -> Keys {
         Keys { namespace: namespace.to_string() }
     }
@@ -85,37 +87,46 @@ impl Keys {
     }
 }
 
+/// Most SCAN pages one trim pass reads (a page is `batch` keys of the whole Redis,
+/// shared with other namespaces); a larger keyspace is covered over several passes.
+const MAX_SCAN_PAGES: usize = 200;
+
 /// Pushes run ids to Redis and wakes workers.
 #[derive(Clone)]
 pub struct Queue {
     storage: RedisStorage<RunJob>,
     conn: ConnectionManager,
     keys: Keys,
+    /// Where the trimmer's SCAN of stale worker metadata resumes.
+    scan_cursor: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Queue {
+    /// A queue on `redis_url` under `namespace` (connects lazily).
     pub fn new(redis_url: &str, namespace: &str) -> CoreResult<Queue> {
         let conn = connection(redis_url)?;
         let keys = Keys::new(namespace);
         let storage = RedisStorage::new(conn.clone()).with_config(keys.apalis_config(1));
-        Ok(Queue { storage, conn, keys })
+        Ok(Queue { storage, conn, keys, scan_cursor: Default::default() })
     }
 
+    /// The names of its keys.
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
+    /// Its Redis connection.
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
 
     /// Pushes one run id and wakes the workers.
-    pub async fn push(&self, run_id: Uuid) -> CoreResult<()> {
+    pub async fn push(&self, run_id: RunId) -> CoreResult<()> {
         self.push_many(&[run_id]).await
     }
 
     /// Pushes run ids (in order) and wakes the workers once.
-    pub async fn push_many(&self, run_ids: &[Uuid]) -> CoreResult<()> {
+    pub async fn push_many(&self, run_ids: &[RunId]) -> CoreResult<()> {
         if run_ids.is_empty() {
             return Ok(());
         }
@@ -132,7 +143,7 @@ impl Queue {
         Ok(())
     }
 
-    async fn push_once(&self, run_ids: &[Uuid]) -> CoreResult<()> {
+    async fn push_once(&self, run_ids: &[RunId]) -> CoreResult<()> {
         let mut storage = self.storage.clone();
         let jobs = run_ids.iter().map(|id| RunJob { run_id: *id }).collect::<Vec<_>>();
         let push = async {
@@ -159,7 +170,7 @@ impl Queue {
 
     /// Asks whichever worker runs `run_id` to check it now (it was cancelled). Best
     /// effort: the lease heartbeat notices within a third of the lease TTL anyway.
-    pub async fn signal_cancel(&self, run_id: Uuid) {
+    pub async fn signal_cancel(&self, run_id: RunId) {
         let mut conn = self.conn.clone();
         let res: redis::RedisResult<i64> = conn.publish(self.keys.control_channel(), format!("cancel:{run_id}")).await;
         if let Err(e) = res {
@@ -216,26 +227,56 @@ impl Queue {
             let busy: u64 = redis::cmd("SCARD").arg(&inflight).query_async(&mut conn).await?;
             if busy == 0 {
                 let _: () = redis::pipe()
-                    .cmd("ZREM").arg(cfg.workers_set()).arg(&name).ignore()
-                    .cmd("DEL").arg(format!("{}:workers:metadata:{name}", self.keys.runs_queue())).ignore()
+                    .cmd("ZREM")
+                    .arg(cfg.workers_set())
+                    .arg(&name)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(format!("{}:workers:metadata:{name}", self.keys.runs_queue()))
+                    .ignore()
                     .query_async(&mut conn)
                     .await?;
                 removed += 1;
             }
         }
-        // Metadata of workers no longer registered at all (apalis never deletes it).
-        let pattern = format!("{}:workers:metadata:*", self.keys.runs_queue());
-        let (_, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(0).arg("MATCH").arg(&pattern).arg("COUNT").arg(batch).query_async(&mut conn).await?;
+        removed += self.trim_unregistered(batch).await?;
+        Ok(removed)
+    }
+
+    /// Deletes the metadata of workers no longer registered at all (apalis never
+    /// deletes it). SCAN walks the whole keyspace of a shared Redis a page at a time,
+    /// so every page is read (up to `MAX_SCAN_PAGES` a pass), not just the first.
+    async fn trim_unregistered(&self, batch: usize) -> CoreResult<usize> {
+        let cfg = self.keys.apalis_config(1);
+        let mut conn = self.conn.clone();
         let prefix = format!("{}:workers:metadata:", self.keys.runs_queue());
-        for key in keys {
-            let name = key.trim_start_matches(&prefix).to_string();
-            let score: Option<f64> = redis::cmd("ZSCORE").arg(cfg.workers_set()).arg(&name).query_async(&mut conn).await?;
-            if score.is_none() {
-                let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
-                removed += 1;
+        let pattern = format!("{prefix}*");
+        let mut cursor = self.scan_cursor.load(std::sync::atomic::Ordering::Relaxed);
+        let mut removed = 0usize;
+        for _ in 0..MAX_SCAN_PAGES {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(batch)
+                .query_async(&mut conn)
+                .await?;
+            for key in keys {
+                let name = key.trim_start_matches(&prefix).to_string();
+                let score: Option<f64> =
+                    redis::cmd("ZSCORE").arg(cfg.workers_set()).arg(&name).query_async(&mut conn).await?;
+                if score.is_none() {
+                    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+                    removed += 1;
+                }
+            }
+            cursor = next;
+            if next == 0 {
+                break;
             }
         }
+        self.scan_cursor.store(cursor, std::sync::atomic::Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -243,11 +284,8 @@ impl Queue {
     pub async fn depth(&self) -> CoreResult<u64> {
         let cfg = self.keys.apalis_config(1);
         let mut conn = self.conn.clone();
-        let (active, scheduled): (u64, u64) = redis::pipe()
-            .llen(cfg.active_jobs_list())
-            .zcard(cfg.scheduled_jobs_set())
-            .query_async(&mut conn)
-            .await?;
+        let (active, scheduled): (u64, u64) =
+            redis::pipe().llen(cfg.active_jobs_list()).zcard(cfg.scheduled_jobs_set()).query_async(&mut conn).await?;
         Ok(active + scheduled)
     }
 }

@@ -13,8 +13,21 @@ use crate::error::FieldErrors;
 
 /// Keywords this validator understands.
 pub const SUPPORTED_KEYWORDS: &[&str] = &[
-    "type", "properties", "required", "additionalProperties", "enum", "minimum", "maximum",
-    "minLength", "maxLength", "items", "minItems", "maxItems", "default", "description", "title",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "items",
+    "minItems",
+    "maxItems",
+    "default",
+    "description",
+    "title",
     "examples",
 ];
 
@@ -138,7 +151,9 @@ fn type_matches(ty: &str, v: &Value) -> bool {
         "string" => v.is_string(),
         "boolean" => v.is_boolean(),
         "number" => v.is_number(),
-        "integer" => v.as_i64().is_some() || v.as_u64().is_some() || v.as_f64().is_some_and(|f| f.fract() == 0.0),
+        // A whole-number float (`5000.0`) is not an integer: a driver reading it as one
+        // would get nothing.
+        "integer" => v.as_i64().is_some() || v.as_u64().is_some(),
         "null" => v.is_null(),
         _ => true,
     }

@@ -1,99 +1,135 @@
-//! Device selectors: which devices a run may be given. Parsed once at the boundary with
-//! precise errors; matched in SQL by `repo::devices` with the same rules as `matches`.
+//! Device selectors: which devices a run may be given. One parser serves requests and
+//! stored rows alike (a stored selector that does not parse is an error, never "any
+//! device"); the SQL function `selector_matches` (migration 0004) applies the same rule
+//! as `Selector::matches`.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 use serde_json::Value;
-use uuid::Uuid;
 
-use crate::{CoreError, CoreResult, model::Device};
+use crate::{error::FieldErrors, ids::DeviceId, model::Device};
 
 /// `{"id": uuid}`, `{"serial": s}`, or `{"pool": p, "labels": [..]}` (either may be
 /// omitted, not both).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Selector {
-    Id { id: Uuid },
-    Serial { serial: String },
+    /// One device, by id.
+    Id {
+        /// The device.
+        id: DeviceId,
+    },
+    /// One device, by serial.
+    Serial {
+        /// Its serial.
+        serial: String,
+    },
+    /// Any device of a pool having every label.
     Pool {
+        /// The pool, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pool: Option<String>,
-        #[serde(default)]
+        /// Labels the device must all have (sorted, unique).
         labels: Vec<String>,
     },
 }
 
+fn one(field: &str, problem: &str) -> FieldErrors {
+    FieldErrors::from([(field.to_string(), problem.to_string())])
+}
+
+fn join(field: &str, key: &str) -> String {
+    if field.is_empty() { key.to_string() } else { format!("{field}.{key}") }
+}
+
 impl Selector {
-    /// Parses a selector from request JSON; `field` names it in errors (`device`).
-    pub fn parse(field: &str, value: &Value) -> CoreResult<Selector> {
+    /// Parses a selector; `field` names it in errors (`device`, `items[2].device`).
+    pub fn parse(field: &str, value: &Value) -> Result<Selector, FieldErrors> {
         let obj = value
             .as_object()
-            .ok_or_else(|| CoreError::invalid(field, "must be an object: {\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}"))?;
+            .ok_or_else(|| one(field, "must be an object: {\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}"))?;
         for key in obj.keys() {
             if !matches!(key.as_str(), "id" | "serial" | "pool" | "labels") {
-                return Err(CoreError::invalid(format!("{field}.{key}"), "unknown selector field (expected id, serial, pool or labels)"));
+                return Err(one(&join(field, key), "unknown selector field (expected id, serial, pool or labels)"));
             }
         }
         if let Some(id) = obj.get("id") {
             if obj.len() > 1 {
-                return Err(CoreError::invalid(field, "`id` cannot be combined with other selector fields"));
+                return Err(one(field, "`id` cannot be combined with other selector fields"));
             }
-            let id = id
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or_else(|| CoreError::invalid(format!("{field}.id"), "must be a UUID"))?;
+            let id =
+                id.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| one(&join(field, "id"), "must be a UUID"))?;
             return Ok(Selector::Id { id });
         }
         if let Some(serial) = obj.get("serial") {
             if obj.len() > 1 {
-                return Err(CoreError::invalid(field, "`serial` cannot be combined with other selector fields"));
+                return Err(one(field, "`serial` cannot be combined with other selector fields"));
             }
             let serial = serial
                 .as_str()
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| CoreError::invalid(format!("{field}.serial"), "must be a non-empty string"))?;
+                .ok_or_else(|| one(&join(field, "serial"), "must be a non-empty string"))?;
             return Ok(Selector::Serial { serial: serial.to_string() });
         }
         let pool = match obj.get("pool") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-            Some(_) => return Err(CoreError::invalid(format!("{field}.pool"), "must be a non-empty string")),
+            Some(_) => return Err(one(&join(field, "pool"), "must be a non-empty string")),
         };
-        let labels = match obj.get("labels") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => {
-                let mut labels = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    match item.as_str() {
-                        Some(s) if !s.is_empty() => labels.push(s.to_string()),
-                        _ => return Err(CoreError::invalid(format!("{field}.labels[{i}]"), "must be a non-empty string")),
-                    }
-                }
-                labels.sort();
-                labels.dedup();
-                labels
-            }
-            Some(_) => return Err(CoreError::invalid(format!("{field}.labels"), "must be an array of strings")),
-        };
+        let labels = Self::labels(field, obj.get("labels"))?;
         if pool.is_none() && labels.is_empty() {
-            return Err(CoreError::invalid(field, "must name an id, a serial, a pool or labels"));
+            return Err(one(field, "must name an id, a serial, a pool or labels"));
         }
         Ok(Selector::Pool { pool, labels })
     }
 
-    pub fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
+    fn labels(field: &str, value: Option<&Value>) -> Result<Vec<String>, FieldErrors> {
+        let items = match value {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(items)) => items,
+            Some(_) => return Err(one(&join(field, "labels"), "must be an array of strings")),
+        };
+        let mut labels = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str() {
+                Some(s) if !s.is_empty() => labels.push(s.to_string()),
+                _ => return Err(one(&format!("{}[{i}]", join(field, "labels")), "must be a non-empty string")),
+            }
+        }
+        labels.sort();
+        labels.dedup();
+        Ok(labels)
     }
 
-    /// The same rule the SQL in `repo::devices` applies.
+    /// The selector as JSON (its stored form), for messages and SQL.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Selector::Id { id } => serde_json::json!({"id": id}),
+            Selector::Serial { serial } => serde_json::json!({"serial": serial}),
+            Selector::Pool { pool: Some(pool), labels } => serde_json::json!({"pool": pool, "labels": labels}),
+            Selector::Pool { pool: None, labels } => serde_json::json!({"labels": labels}),
+        }
+    }
+
+    /// The same rule the SQL function `selector_matches` applies.
     pub fn matches(&self, device: &Device) -> bool {
         match self {
             Selector::Id { id } => device.id == *id,
             Selector::Serial { serial } => &device.serial == serial,
             Selector::Pool { pool, labels } => {
-                pool.as_ref().is_none_or(|p| &device.pool == p)
-                    && labels.iter().all(|l| device.labels.contains(l))
+                pool.as_ref().is_none_or(|p| &device.pool == p) && labels.iter().all(|l| device.labels.contains(l))
             }
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Selector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        Selector::parse("", &value).map_err(|errors| {
+            let text: Vec<String> =
+                errors.iter().map(|(f, p)| if f.is_empty() { p.clone() } else { format!("{f}: {p}") }).collect();
+            D::Error::custom(text.join("; "))
+        })
     }
 }
 
@@ -104,7 +140,7 @@ mod tests {
 
     #[test]
     fn parses_the_three_forms() {
-        let id = Uuid::new_v4();
+        let id = DeviceId::random();
         assert_eq!(Selector::parse("device", &json!({"id": id.to_string()})).unwrap(), Selector::Id { id });
         assert_eq!(
             Selector::parse("device", &json!({"serial": "abc"})).unwrap(),
@@ -118,18 +154,19 @@ mod tests {
 
     #[test]
     fn rejects_with_the_field_named() {
-        let err = Selector::parse("device", &json!({"id": "nope"})).unwrap_err();
-        assert!(matches!(err, CoreError::Validation { ref fields, .. } if fields.contains_key("device.id")));
-        let err = Selector::parse("device", &json!({})).unwrap_err();
-        assert!(matches!(err, CoreError::Validation { ref fields, .. } if fields.contains_key("device")));
-        let err = Selector::parse("device", &json!({"pool": "x", "colour": 1})).unwrap_err();
-        assert!(matches!(err, CoreError::Validation { ref fields, .. } if fields.contains_key("device.colour")));
+        assert!(Selector::parse("device", &json!({"id": "nope"})).unwrap_err().contains_key("device.id"));
+        assert!(Selector::parse("device", &json!({})).unwrap_err().contains_key("device"));
+        assert!(
+            Selector::parse("device", &json!({"pool": "x", "colour": 1})).unwrap_err().contains_key("device.colour")
+        );
     }
 
     #[test]
-    fn round_trips_through_json() {
+    fn stored_selectors_round_trip_and_bad_ones_are_errors() {
         let s = Selector::Pool { pool: Some("p".into()), labels: vec!["x".into()] };
         let back: Selector = serde_json::from_value(s.to_json()).unwrap();
         assert_eq!(back, s);
+        let e = serde_json::from_value::<Selector>(json!({"colour": "red"})).unwrap_err().to_string();
+        assert!(e.contains("colour: unknown selector field"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
+/// Installs the global subscriber (`format`: `text` or `json`); `RUST_LOG` filters.
 pub fn init(format: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_redis=warn"));

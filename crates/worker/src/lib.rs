@@ -4,7 +4,9 @@
 
 pub mod drivers;
 pub mod executor;
+pub mod lease;
 pub mod wake;
+mod workflow;
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,11 +18,14 @@ use serde_json::json;
 use switchboard_core::{
     config::{CommonConfig, WorkerConfig},
     db, ids,
+    model::ProcessRole,
     queue::{self, Keys, Queue, RunJob},
     repo::{
+        devices::BreakerPolicy,
         processes,
-        runs::{self, BreakerPolicy, ClaimOutcome},
+        runs::{self, ClaimOutcome, FinishPolicy},
     },
+    service::Engine,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -47,13 +52,15 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
     let hand_back = CancellationToken::new();
     let exec = Arc::new(Executor {
         pool: pool.clone(),
-        queue: queue.clone(),
+        engine: Engine::new(pool.clone(), queue.clone()),
         owner: owner.clone(),
         drivers: Drivers::builtin(),
         lease_ttl: common.lease_ttl(),
-        breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
-        retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
-        retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
+        policy: FinishPolicy {
+            breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
+            retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
+            retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
+        },
         hand_back: hand_back.clone(),
         stopping: stopping.clone(),
         inflight: Default::default(),
@@ -66,7 +73,12 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
         hub.on_cancel(Arc::new(move |run_id| exec.nudge(run_id)));
     }
     let background = CancellationToken::new();
-    tokio::spawn(hub.clone().listen(common.redis_url.clone(), keys.wake_channel(), keys.control_channel(), background.clone()));
+    tokio::spawn(hub.clone().listen(
+        common.redis_url.clone(),
+        keys.wake_channel(),
+        keys.control_channel(),
+        background.clone(),
+    ));
     tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
 
     // Supervisor: an apalis worker ends when Redis misbehaves (a fetch error marks it
@@ -103,10 +115,12 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
                     .build(handle);
                 let stop = stopping.clone();
                 let started = std::time::Instant::now();
-                let result = worker.run_until(async move {
-                    stop.cancelled().await;
-                    Ok::<(), std::io::Error>(())
-                }).await;
+                let result = worker
+                    .run_until(async move {
+                        stop.cancelled().await;
+                        Ok::<(), std::io::Error>(())
+                    })
+                    .await;
                 match result {
                     Ok(()) if stopping.is_cancelled() => break,
                     Ok(()) => tracing::warn!(worker = %name, "queue consumer ended; restarting"),
@@ -126,16 +140,16 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
 
     // The apalis future is not `Send` in general, so it runs here beside the stop logic.
     let stop_logic = async {
-    shutdown.cancelled().await;
-    tracing::info!(grace_s = cfg.shutdown_grace_s, "worker stopping: no new work; waiting for in-flight runs");
-    stopping.cancel();
-    shared.tracker.close();
-    let grace = Duration::from_secs(cfg.shutdown_grace_s);
-    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
-        tracing::warn!("grace period over: handing back in-flight runs");
-        hand_back.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), shared.tracker.wait()).await;
-    }
+        shutdown.cancelled().await;
+        tracing::info!(grace_s = cfg.shutdown_grace_s, "worker stopping: no new work; waiting for in-flight runs");
+        stopping.cancel();
+        shared.tracker.close();
+        let grace = Duration::from_secs(cfg.shutdown_grace_s);
+        if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over: handing back in-flight runs");
+            hand_back.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), shared.tracker.wait()).await;
+        }
     };
     let stopped = CancellationToken::new();
     let stop_logic = async {
@@ -162,12 +176,13 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
     let exec = shared.exec.clone();
     if exec.stopping.is_cancelled() || shared.tracker.is_closed() {
         // Not ours to take any more: leave it queued for another worker.
-        let _ = exec.queue.push(job.run_id).await;
+        exec.engine.dispatch(&[job.run_id]).await;
         return Ok(());
     }
     let work = async move {
+        let claimed_at = tokio::time::Instant::now();
         match runs::claim_with_recheck(&exec.pool, job.run_id, &exec.owner, exec.lease_ttl).await? {
-            ClaimOutcome::Claimed(claimed) => exec.run_chain(*claimed).await,
+            ClaimOutcome::Claimed(claimed) => exec.run_chain(*claimed, claimed_at).await,
             ClaimOutcome::NoDevice => {
                 tracing::debug!(run_id = %job.run_id, "no free matching device; the run waits queued");
                 Ok(())
@@ -177,6 +192,10 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
                 Ok(())
             }
             ClaimOutcome::NotClaimable => Ok(()),
+            ClaimOutcome::Unreadable(error) => {
+                tracing::error!(run_id = %job.run_id, error = %error.message, "the run's stored data is unreadable; it was ended");
+                Ok(())
+            }
         }
     };
     match shared.tracker.track_future(work).await {
@@ -188,7 +207,10 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
     }
 }
 
-async fn connect_with_retry(common: &CommonConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+async fn connect_with_retry(
+    common: &CommonConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<sqlx::PgPool>> {
     let mut delay = Duration::from_millis(200);
     loop {
         match db::connect(&common.database_url, common.db_max_connections).await {
@@ -207,7 +229,7 @@ async fn connect_with_retry(common: &CommonConfig, shutdown: &CancellationToken)
 async fn beat(pool: sqlx::PgPool, owner: String, concurrency: usize, stop: CancellationToken) {
     let info = json!({"concurrency": concurrency, "version": env!("CARGO_PKG_VERSION")});
     loop {
-        if let Err(e) = processes::beat(&pool, &owner, "worker", &info).await {
+        if let Err(e) = processes::beat(&pool, &owner, ProcessRole::Worker, &info).await {
             tracing::debug!(error = %e, "process heartbeat failed");
         }
         tokio::select! {

@@ -3,14 +3,17 @@
 //! this subscriber turns each message into an immediate poll of every local apalis
 //! worker. The fallback poll interval covers lost messages and Redis outages.
 
-use std::{sync::{Arc, Mutex}, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{StreamExt, channel::mpsc};
+use switchboard_core::ids::RunId;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// Called with the run id of each `cancel:<run id>` control message.
-pub type CancelHook = Arc<dyn Fn(Uuid) + Send + Sync>;
+pub type CancelHook = Arc<dyn Fn(RunId) + Send + Sync>;
 
 /// Fans wake-ups out to the apalis workers of this process, and control messages to
 /// the executor.
@@ -47,7 +50,7 @@ impl WakeHub {
     }
 
     fn control(&self, payload: &str) {
-        if let Some(id) = payload.strip_prefix("cancel:").and_then(|s| Uuid::parse_str(s).ok()) {
+        if let Some(id) = payload.strip_prefix("cancel:").and_then(|s| s.parse::<RunId>().ok()) {
             let hook = self.on_cancel.lock().ok().and_then(|h| h.clone());
             if let Some(hook) = hook {
                 hook(id);
@@ -95,9 +98,10 @@ impl WakeHub {
 
 async fn subscribe(redis_url: &str, channels: &[&str]) -> redis::RedisResult<redis::aio::PubSub> {
     let client = redis::Client::open(redis_url)?;
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
-        .await
-        .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+    let mut pubsub =
+        tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await.map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
+        })??;
     for channel in channels {
         pubsub.subscribe(*channel).await?;
     }

@@ -1,4 +1,4 @@
-//! The device registry.
+//! The device registry, and a device's run history.
 
 use std::collections::HashMap;
 
@@ -7,65 +7,95 @@ use axum::{
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
-    response::IntoResponse,
 };
-use serde_json::{Value, json};
 use switchboard_core::{
-    model::Device,
-    repo::devices::{self, DeviceFilter, DevicePatch, NewDevice},
+    ids::DeviceId,
+    model::{Device, Run},
+    pagination::Page,
+    repo::{
+        devices::{self, DeviceFilter, DevicePatch, NewDevice},
+        runs::{self, RunFilter},
+    },
 };
 
 use crate::{
     AppState,
     error::ApiResult,
-    extract::{QueryParams, json_body, path_id},
+    extract::{QueryParams, body, path_id},
+    requests::{DeviceBody, DevicePatchBody},
 };
 
-pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+/// `GET /devices`: filters `status`, `pool`, `label`, `host_id`.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Page<Device>>> {
     let q = QueryParams::new(q, &["status", "pool", "label", "host_id", "limit", "cursor"])?;
     let filter = DeviceFilter {
         status: q.parse("status")?,
         pool: q.str("pool").map(str::to_string),
         label: q.str("label").map(str::to_string),
-        host_id: q.uuid("host_id")?,
+        host_id: q.id("host_id")?,
     };
-    let page = devices::list(&state.pool, &filter, q.limit()?, q.cursor()?).await?;
-    Ok(Json(json!(page)))
+    Ok(Json(devices::list(&state.engine.pool, &filter, q.limit()?, q.cursor()?).await?))
 }
 
-pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<impl IntoResponse> {
-    let body = json_body(&headers, &body)?;
-    let new = NewDevice::parse(&body)?;
-    let device = devices::create(&state.pool, &new).await?;
-    crate::routes::runs::dispatch_waiting(&state, device.id).await;
-    Ok((StatusCode::CREATED, Json(device)))
+/// `POST /devices`.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Device>)> {
+    let new = NewDevice::try_from(body::<DeviceBody>(&headers, &bytes)?)?;
+    Ok((StatusCode::CREATED, Json(state.engine.create_device(&new).await?)))
 }
 
+/// `GET /devices/{id}`.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Device>> {
-    let id = path_id("device", &id)?;
-    Ok(Json(devices::get(&state.pool, id).await?))
+    let id: DeviceId = path_id("device", &id)?;
+    Ok(Json(devices::get(&state.engine.pool, id).await?))
 }
 
-pub async fn update(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Device>> {
-    let id = path_id("device", &id)?;
-    let body = json_body(&headers, &body)?;
-    let patch = DevicePatch::parse(&body)?;
-    let device = devices::update(&state.pool, id, &patch).await?;
-    crate::routes::runs::dispatch_waiting(&state, device.id).await;
-    Ok(Json(device))
+/// `PATCH /devices/{id}`.
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<Json<Device>> {
+    let id: DeviceId = path_id("device", &id)?;
+    let patch = DevicePatch::try_from(body::<DevicePatchBody>(&headers, &bytes)?)?;
+    Ok(Json(state.engine.update_device(id, &patch).await?))
 }
 
+/// `DELETE /devices/{id}`.
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let id = path_id("device", &id)?;
-    devices::delete(&state.pool, id).await?;
+    state.engine.delete_device(path_id("device", &id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /api/v1/devices/{id}/breaker/reset`: closes the breaker; waiting runs may use
-/// the device at once.
+/// `POST /devices/{id}/breaker/reset`: closes the breaker; waiting runs may use the
+/// device at once.
 pub async fn reset_breaker(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Device>> {
-    let id = path_id("device", &id)?;
-    let device = devices::reset_breaker(&state.pool, id).await?;
-    crate::routes::runs::dispatch_waiting(&state, id).await;
-    Ok(Json(device))
+    Ok(Json(state.engine.reset_breaker(path_id("device", &id)?).await?))
+}
+
+/// `GET /devices/{id}/runs`: the device's run history, newest first.
+pub async fn runs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Page<Run>>> {
+    let id: DeviceId = path_id("device", &id)?;
+    let q = QueryParams::new(q, &["status", "kind", "since", "until", "limit", "cursor"])?;
+    devices::get(&state.engine.pool, id).await?;
+    let filter = RunFilter {
+        status: q.parse("status")?,
+        kind: q.parse("kind")?,
+        device_id: Some(id),
+        since: q.time("since")?,
+        until: q.time("until")?,
+        ..RunFilter::default()
+    };
+    Ok(Json(runs::list(&state.engine.pool, &filter, q.limit()?, q.cursor()?).await?))
 }

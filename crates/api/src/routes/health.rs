@@ -4,13 +4,14 @@ use std::time::{Duration, Instant};
 
 use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde_json::{Value, json};
-use switchboard_core::repo::processes;
+use switchboard_core::{db, model::ProcessRole, repo::processes};
 
 use crate::AppState;
 
 /// Each dependency check gets this long; the whole answer comes within 2 s.
 const CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// `GET /health`: liveness, no dependency checked.
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -41,12 +42,16 @@ fn err_json(e: Option<&String>) -> Value {
     e.map(|e| json!({"error": e})).unwrap_or(json!({}))
 }
 
+/// `GET /health/full`: Postgres, Redis, live workers and schedulers; 503 when Postgres
+/// or Redis is down.
 pub async fn full(State(state): State<AppState>) -> impl IntoResponse {
-    let pg = timed(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool));
-    let redis = timed(state.queue.ping());
-    let workers = timed(processes::alive(&state.pool, "worker", 15));
-    let schedulers = timed(processes::alive(&state.pool, "scheduler", 30));
-    let ((pg, pg_t), (redis, redis_t), (workers, w_t), (schedulers, s_t)) = tokio::join!(pg, redis, workers, schedulers);
+    let pool = &state.engine.pool;
+    let pg = timed(db::ping(pool));
+    let redis = timed(state.engine.queue.ping());
+    let workers = timed(processes::alive(pool, ProcessRole::Worker, 15));
+    let schedulers = timed(processes::alive(pool, ProcessRole::Scheduler, 30));
+    let ((pg, pg_t), (redis, redis_t), (workers, w_t), (schedulers, s_t)) =
+        tokio::join!(pg, redis, workers, schedulers);
 
     let pg_check = check(pg.is_ok(), pg_t, err_json(pg.as_ref().err()));
     let redis_check = check(redis.is_ok(), redis_t, err_json(redis.as_ref().err()));

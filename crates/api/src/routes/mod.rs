@@ -1,3 +1,6 @@
+//! Route handlers, one module per resource. They parse requests (`extract`,
+//! `requests`), call core, and map the result; none imports another.
+
 pub mod campaigns;
 pub mod devices;
 pub mod health;

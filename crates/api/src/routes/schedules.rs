@@ -7,75 +7,94 @@ use axum::{
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
-    response::IntoResponse,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
 use switchboard_core::{
-    cron_expr::parse_tz,
-    repo::{
-        runs,
-        schedules::{self, Schedule, ScheduleInput},
-    },
+    ids::ScheduleId,
+    model::Run,
+    pagination::Page,
+    repo::schedules::{self, Schedule},
+    service::{NewSchedule, SchedulePatch, Upcoming},
 };
 
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{QueryParams, json_body, path_id},
+    extract::{QueryParams, body, path_id},
+    requests::ScheduleBody,
 };
 
-pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+/// `GET /schedules`.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Page<Schedule>>> {
     let q = QueryParams::new(q, &["limit", "cursor"])?;
-    Ok(Json(json!(schedules::list(&state.pool, q.limit()?, q.cursor()?).await?)))
+    Ok(Json(schedules::list(&state.engine.pool, q.limit()?, q.cursor()?).await?))
 }
 
-pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<impl IntoResponse> {
-    let input = ScheduleInput::parse(&json_body(&headers, &body)?, true)?;
-    Ok((StatusCode::CREATED, Json(schedules::create(&state.pool, &input).await?)))
+/// `POST /schedules`.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Schedule>)> {
+    let new = NewSchedule::try_from(body::<ScheduleBody>(&headers, &bytes)?)?;
+    Ok((StatusCode::CREATED, Json(state.engine.create_schedule(&new).await?)))
 }
 
+/// `GET /schedules/{id}`.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Schedule>> {
-    Ok(Json(schedules::get(&state.pool, path_id("schedule", &id)?).await?))
+    Ok(Json(schedules::get(&state.engine.pool, path_id("schedule", &id)?).await?))
 }
 
-pub async fn update(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Schedule>> {
-    let id = path_id("schedule", &id)?;
-    let input = ScheduleInput::parse(&json_body(&headers, &body)?, false)?;
-    Ok(Json(schedules::update(&state.pool, id, &input).await?))
+/// `PATCH /schedules/{id}`.
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<Json<Schedule>> {
+    let id: ScheduleId = path_id("schedule", &id)?;
+    let patch = SchedulePatch::try_from(body::<ScheduleBody>(&headers, &bytes)?)?;
+    Ok(Json(state.engine.update_schedule(id, &patch).await?))
 }
 
+/// `DELETE /schedules/{id}`: its runs stay.
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    schedules::delete(&state.pool, path_id("schedule", &id)?).await?;
+    schedules::delete(&state.engine.pool, path_id("schedule", &id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /api/v1/schedules/{id}/preview?count=N` (1 to 100, default 5): the next fire
-/// times, in UTC and in the schedule's time zone.
-pub async fn preview(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
-    let id = path_id("schedule", &id)?;
+/// The next fire times of a schedule.
+#[derive(Serialize)]
+pub struct Preview {
+    schedule_id: ScheduleId,
+    cron: String,
+    timezone: String,
+    enabled: bool,
+    items: Vec<Upcoming>,
+}
+
+/// `GET /schedules/{id}/preview?count=N` (1 to 100, default 5): the next fire times,
+/// in UTC and in the schedule's time zone.
+pub async fn preview(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Preview>> {
+    let id: ScheduleId = path_id("schedule", &id)?;
     let q = QueryParams::new(q, &["count"])?;
     let count = match q.int("count")? {
         None => 5,
         Some(n) if (1..=100).contains(&n) => n as usize,
         Some(n) => return Err(ApiError::invalid("count", &format!("must be between 1 and 100 (got {n})"))),
     };
-    let s = schedules::get(&state.pool, id).await?;
-    let tz = parse_tz(&s.timezone).map_err(|e| ApiError::invalid("timezone", &e))?;
-    let times = schedules::preview(&state.pool, id, count).await?;
-    let items: Vec<Value> = times
-        .iter()
-        .map(|t| json!({"at": t, "local": t.with_timezone(&tz).to_rfc3339()}))
-        .collect();
-    Ok(Json(json!({"schedule_id": id, "cron": s.cron, "timezone": s.timezone, "enabled": s.enabled, "items": items})))
+    let (s, items) = state.engine.preview_schedule(id, count).await?;
+    Ok(Json(Preview { schedule_id: id, cron: s.cron, timezone: s.timezone, enabled: s.enabled, items }))
 }
 
-/// `POST /api/v1/schedules/{id}/trigger`: a run now (`trigger: schedule`).
-pub async fn trigger(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
-    let id = path_id("schedule", &id)?;
-    let (run, push) = schedules::trigger_now(&state.pool, id).await?;
-    if !push.is_empty() && state.queue.push_many(&push).await.is_ok() {
-        let _ = runs::mark_dispatched(&state.pool, &push).await;
-    }
-    let _ = runs::mark_dispatched(&state.pool, &[run]).await;
-    Ok((StatusCode::ACCEPTED, Json(runs::get(&state.pool, run).await?)))
+/// `POST /schedules/{id}/trigger`: a run now (`trigger: schedule`).
+pub async fn trigger(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Run>)> {
+    Ok((StatusCode::ACCEPTED, Json(state.engine.trigger_schedule(path_id("schedule", &id)?).await?)))
 }

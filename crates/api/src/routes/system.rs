@@ -1,46 +1,38 @@
 //! `GET /api/v1/system/info`: version, uptime, live processes and queue depths.
 
-use axum::{Json, extract::State};
+use std::collections::HashMap;
+
+use axum::{
+    Json,
+    extract::{Query, State},
+};
 use serde_json::{Value, json};
-use switchboard_core::repo::processes;
+use switchboard_core::{
+    model::ProcessRole,
+    repo::{processes, stats},
+};
 
-use crate::{AppState, error::ApiResult};
+use crate::{AppState, error::ApiResult, extract::QueryParams};
 
-pub async fn info(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let pool = &state.pool;
-    let e = switchboard_core::CoreError::from;
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'queued' AND NOT held AND kind <> 'campaign'")
-        .fetch_one(pool)
-        .await
-        .map_err(e)?;
-    let waiting_retry: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'queued' AND not_before > now()")
-        .fetch_one(pool)
-        .await
-        .map_err(e)?;
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'queued' AND held").fetch_one(pool).await.map_err(e)?;
-    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'running' AND kind <> 'campaign'")
-        .fetch_one(pool)
-        .await
-        .map_err(e)?;
-    let redis_depth = state.queue.depth().await.ok();
-    let workers = processes::alive(pool, "worker", 15).await?;
-    let schedulers = processes::alive(pool, "scheduler", 30).await?;
+/// The deployment at a glance.
+pub async fn info(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+    QueryParams::new(q, &[])?;
+    let pool = &state.engine.pool;
+    let queue = stats::queue_counts(pool).await?;
+    let redis_pending = state.engine.queue.depth().await.ok();
+    let workers = processes::alive(pool, ProcessRole::Worker, 15).await?;
+    let schedulers = processes::alive(pool, ProcessRole::Scheduler, 30).await?;
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started_at.elapsed().as_secs(),
-        "namespace": state.queue.keys().namespace,
-        "queues": {
-            "runs": {
-                "queued": queued,
-                "waiting_for_retry": waiting_retry,
-                "held_by_campaigns": held,
-                "running": running,
-                "redis_pending": redis_depth,
-            }
-        },
-        "processes": {
-            "workers": workers.iter().map(|(id, seen)| json!({"id": id, "last_seen_at": seen})).collect::<Vec<_>>(),
-            "schedulers": schedulers.iter().map(|(id, seen)| json!({"id": id, "last_seen_at": seen})).collect::<Vec<_>>(),
-        }
+        "namespace": state.engine.queue.keys().namespace,
+        "queues": {"runs": {
+            "queued": queue.queued,
+            "waiting_for_retry": queue.waiting_for_retry,
+            "held_by_campaigns": queue.held_by_campaigns,
+            "running": queue.running,
+            "redis_pending": redis_pending,
+        }},
+        "processes": {"workers": workers, "schedulers": schedulers},
     })))
 }

@@ -1,260 +1,134 @@
-//! The `devices` table: registry, leases and breakers.
+//! The `devices` table: the registry, and every device write of the run protocol
+//! (lease, renewal, release with its breaker, freeing after a recovery), written once.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
-use uuid::Uuid;
+use sqlx::{PgConnection, PgPool};
 
 use crate::{
     CoreError, CoreResult,
-    input::Fields,
-    model::{Breaker, BreakerState, Device, DeviceStatus, Driver, Lease, event_types},
+    breaker::{self, BreakerRow, Effect, Transition},
+    events::{EventKind, Subject},
+    ids::{DeviceId, HostId, RunId},
+    model::{Breaker, BreakerState, Device, DeviceStatus, Driver, Lease},
     pagination::{Cursor, Page},
-    repo::events::{self, Subject},
+    repo::events,
+    selector::Selector,
 };
 
-/// The columns `from_row` reads, of a device aliased `d`. Written once.
-macro_rules! device_columns {
-    () => {
-        "d.id, d.serial, d.name, d.platform, d.model, d.pool, d.labels, d.driver, d.host_id, \
-         d.status, d.breaker_state, d.breaker_failures, d.breaker_open_until, d.lease_run_id, d.lease_owner, \
-         d.lease_expires_at, d.metadata, d.created_at, d.updated_at"
-    };
+/// A `devices` row.
+struct DeviceRow {
+    id: DeviceId,
+    serial: String,
+    name: String,
+    platform: String,
+    model: Option<String>,
+    pool: String,
+    labels: Vec<String>,
+    driver: Driver,
+    host_id: Option<HostId>,
+    status: DeviceStatus,
+    breaker_state: BreakerState,
+    breaker_failures: i32,
+    breaker_open_until: Option<DateTime<Utc>>,
+    breaker_trips: i32,
+    lease_run_id: Option<RunId>,
+    lease_owner: Option<String>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    metadata: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
 }
-pub(crate) use device_columns;
 
-/// SQL condition: device `d` matches the selector JSON bound as `$SEL`. Kept beside
-/// `Selector::matches`, which states the same rule in Rust.
-macro_rules! selector_matches {
-    ($sel:literal) => {
-        concat!(
-            "(CASE WHEN ", $sel, " ? 'id' THEN d.id = (", $sel, "->>'id')::uuid ",
-            "WHEN ", $sel, " ? 'serial' THEN d.serial = ", $sel, "->>'serial' ",
-            "ELSE (NOT (", $sel, " ? 'pool') OR d.pool = ", $sel, "->>'pool') ",
-            "AND d.labels @> ARRAY(SELECT jsonb_array_elements_text(COALESCE(", $sel, "->'labels', '[]'::jsonb))) END)"
-        )
-    };
-}
-pub(crate) use selector_matches;
-
-pub(crate) fn from_row(r: &PgRow) -> Result<Device, sqlx::Error> {
-    let parse = |col: &str, s: String| -> Result<_, sqlx::Error> {
-        Err(sqlx::Error::Decode(format!("bad {col}: {s}").into()))
-    };
-    let driver: String = r.try_get("driver")?;
-    let status: String = r.try_get("status")?;
-    let breaker: String = r.try_get("breaker_state")?;
-    let lease_run_id: Option<Uuid> = r.try_get("lease_run_id")?;
-    let lease_owner: Option<String> = r.try_get("lease_owner")?;
-    Ok(Device {
-        id: r.try_get("id")?,
-        serial: r.try_get("serial")?,
-        name: r.try_get("name")?,
-        platform: r.try_get("platform")?,
-        model: r.try_get("model")?,
-        pool: r.try_get("pool")?,
-        labels: r.try_get("labels")?,
-        driver: match driver.parse::<Driver>() {
-            Ok(d) => d,
-            Err(_) => return parse("driver", driver),
-        },
-        host_id: r.try_get("host_id")?,
-        status: match status.parse::<DeviceStatus>() {
-            Ok(s) => s,
-            Err(_) => return parse("status", status),
-        },
-        breaker: Breaker {
-            state: match breaker.parse::<BreakerState>() {
-                Ok(s) => s,
-                Err(_) => return parse("breaker_state", breaker),
+impl From<DeviceRow> for Device {
+    fn from(r: DeviceRow) -> Device {
+        let _ = r.breaker_trips;
+        Device {
+            id: r.id,
+            serial: r.serial,
+            name: r.name,
+            platform: r.platform,
+            model: r.model,
+            pool: r.pool,
+            labels: r.labels,
+            driver: r.driver,
+            host_id: r.host_id,
+            status: r.status,
+            breaker: Breaker {
+                state: r.breaker_state,
+                consecutive_failures: r.breaker_failures,
+                open_until: r.breaker_open_until,
             },
-            consecutive_failures: r.try_get("breaker_failures")?,
-            open_until: r.try_get("breaker_open_until")?,
-        },
-        lease: match (lease_run_id, lease_owner) {
-            (Some(run_id), Some(owner)) => Some(Lease { run_id, owner, expires_at: r.try_get("lease_expires_at")? }),
-            _ => None,
-        },
-        metadata: r.try_get("metadata")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
+            lease: match (r.lease_run_id, r.lease_owner) {
+                (Some(run_id), Some(owner)) => Some(Lease { run_id, owner, expires_at: r.lease_expires_at }),
+                _ => None,
+            },
+            metadata: r.metadata,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
 }
 
 /// A device to register, validated.
 #[derive(Debug, Clone)]
 pub struct NewDevice {
+    /// Unique serial.
     pub serial: String,
+    /// Display name.
     pub name: String,
+    /// `android`, ...
     pub platform: String,
+    /// Model, if known.
     pub model: Option<String>,
+    /// Its pool.
     pub pool: String,
+    /// Labels, sorted and unique.
     pub labels: Vec<String>,
+    /// How it is driven.
     pub driver: Driver,
-    pub host_id: Option<Uuid>,
+    /// Its host agent (`host` driver).
+    pub host_id: Option<HostId>,
+    /// Initial status.
     pub status: DeviceStatus,
+    /// Free-form settings, `metadata.sim` validated.
     pub metadata: Value,
 }
 
-const DEVICE_FIELDS: &[&str] =
-    &["serial", "name", "platform", "model", "pool", "labels", "driver", "host_id", "status", "metadata"];
-
-impl NewDevice {
-    /// Reads a POST body. `serial` and `driver` are required; `name` defaults to the serial.
-    pub fn parse(body: &Value) -> CoreResult<NewDevice> {
-        let mut f = Fields::new(body, DEVICE_FIELDS)?;
-        let serial = f.string("serial", 128);
-        let name = f.opt_string("name", 200);
-        let platform = f.opt_string("platform", 64).unwrap_or_else(|| "android".into());
-        let model = f.opt_string("model", 200);
-        let pool = f.opt_string("pool", 128).unwrap_or_else(|| "default".into());
-        let labels = f.opt_string_set("labels").unwrap_or_default();
-        let driver = if f.has("driver") { f.opt_enum::<Driver>("driver") } else { None };
-        if !f.has("driver") {
-            f.errors.insert("driver".into(), format!("is required (one of {})", Driver::ALL.join(", ")));
-        }
-        let host_id = f.opt_uuid("host_id");
-        let status = f.opt_enum::<DeviceStatus>("status").unwrap_or(DeviceStatus::Online);
-        let metadata = f.opt_object("metadata").unwrap_or_else(|| json!({}));
-        if let Err(e) = validate_sim_metadata(&metadata) {
-            f.errors.insert(e.0, e.1);
-        }
-        if driver == Some(Driver::Host) && host_id.is_none() && !f.errors.contains_key("host_id") {
-            f.errors.insert("host_id".into(), "is required for driver host".into());
-        }
-        f.finish()?;
-        let serial = serial.expect("checked");
-        Ok(NewDevice {
-            name: name.unwrap_or_else(|| serial.clone()),
-            serial,
-            platform,
-            model,
-            pool,
-            labels,
-            driver: driver.expect("checked"),
-            host_id,
-            status,
-            metadata,
-        })
-    }
-}
-
-/// `metadata.sim`, if present, must hold sensible numbers: the sim driver trusts it.
-fn validate_sim_metadata(metadata: &Value) -> Result<(), (String, String)> {
-    let Some(sim) = metadata.get("sim") else { return Ok(()) };
-    let Some(sim) = sim.as_object() else {
-        return Err(("metadata.sim".into(), "must be an object".into()));
-    };
-    for (key, value) in sim {
-        let path = format!("metadata.sim.{key}");
-        match key.as_str() {
-            "latency_ms" => {
-                if !value.as_f64().is_some_and(|x| (0.0..=3_600_000.0).contains(&x)) {
-                    return Err((path, "must be a number of milliseconds between 0 and 3600000".into()));
-                }
-            }
-            "fail_rate" | "error_rate" => {
-                if !value.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) {
-                    return Err((path, "must be a probability between 0 and 1".into()));
-                }
-            }
-            "seed" => {
-                if value.as_u64().is_none() {
-                    return Err((path, "must be a non-negative integer".into()));
-                }
-            }
-            _ => return Err((path, "unknown sim setting (expected latency_ms, fail_rate, error_rate or seed)".into())),
-        }
-    }
-    Ok(())
-}
-
-/// A partial update of a device (PATCH): only the fields present change.
+/// A partial update of a device: only the fields present change.
 #[derive(Debug, Clone, Default)]
 pub struct DevicePatch {
+    /// New name.
     pub name: Option<String>,
+    /// New platform.
     pub platform: Option<String>,
+    /// New model (`Some(None)` clears it).
     pub model: Option<Option<String>>,
+    /// New pool.
     pub pool: Option<String>,
+    /// New labels.
     pub labels: Option<Vec<String>>,
+    /// New status.
     pub status: Option<DeviceStatus>,
-    pub host_id: Option<Option<Uuid>>,
+    /// New host (`Some(None)` clears it).
+    pub host_id: Option<Option<HostId>>,
+    /// New metadata (replaces the old).
     pub metadata: Option<Value>,
-}
-
-impl DevicePatch {
-    pub fn parse(body: &Value) -> CoreResult<DevicePatch> {
-        let allowed = &["name", "platform", "model", "pool", "labels", "status", "host_id", "metadata"];
-        let mut f = Fields::new(body, allowed)?;
-        let patch = DevicePatch {
-            name: f.opt_string("name", 200),
-            platform: f.opt_string("platform", 64),
-            model: if f.has("model") { Some(f.opt_string("model", 200)) } else { None },
-            pool: f.opt_string("pool", 128),
-            labels: f.opt_string_set("labels"),
-            status: f.opt_enum("status"),
-            host_id: if f.has("host_id") { Some(f.opt_uuid("host_id")) } else { None },
-            metadata: f.opt_object("metadata"),
-        };
-        for key in ["name", "platform", "pool", "labels", "status", "metadata"] {
-            if f.has(key) && f.raw(key).is_none() && !f.errors.contains_key(key) {
-                f.errors.insert(key.into(), "cannot be null".into());
-            }
-        }
-        if let Some(m) = &patch.metadata
-            && let Err(e) = validate_sim_metadata(m)
-        {
-            f.errors.insert(e.0, e.1);
-        }
-        f.finish()?;
-        Ok(patch)
-    }
 }
 
 /// Filters of `GET /devices`.
 #[derive(Debug, Default, Clone)]
 pub struct DeviceFilter {
+    /// Only this status.
     pub status: Option<DeviceStatus>,
+    /// Only this pool.
     pub pool: Option<String>,
+    /// Only devices with this label.
     pub label: Option<String>,
-    pub host_id: Option<Uuid>,
-}
-
-pub async fn create(pool: &PgPool, d: &NewDevice) -> CoreResult<Device> {
-    let mut tx = pool.begin().await?;
-    let device = insert(&mut tx, d).await?.ok_or_else(|| {
-        CoreError::Conflict(format!("a device with serial {:?} already exists", d.serial))
-    })?;
-    events::append(&mut tx, event_types::DEVICE_CREATED, Subject::device(device.id), json!({"device": device})).await?;
-    tx.commit().await?;
-    Ok(device)
-}
-
-/// Inserts unless the serial exists (then `None`).
-async fn insert(conn: &mut PgConnection, d: &NewDevice) -> CoreResult<Option<Device>> {
-    let row = sqlx::query(concat!(
-        "WITH d AS (
-            INSERT INTO devices (id, serial, name, platform, model, pool, labels, driver, host_id, status, metadata)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-            ON CONFLICT (serial) DO NOTHING
-            RETURNING *) SELECT ",
-        device_columns!(),
-        " FROM d"
-    ))
-        .bind(Uuid::new_v4())
-        .bind(&d.serial)
-        .bind(&d.name)
-        .bind(&d.platform)
-        .bind(&d.model)
-        .bind(&d.pool)
-        .bind(&d.labels)
-        .bind(d.driver.as_str())
-        .bind(d.host_id)
-        .bind(d.status.as_str())
-        .bind(&d.metadata)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(host_fk_error)?;
-    Ok(row.as_ref().map(from_row).transpose()?)
+    /// Only devices of this host.
+    pub host_id: Option<HostId>,
 }
 
 fn host_fk_error(e: sqlx::Error) -> CoreError {
@@ -266,155 +140,374 @@ fn host_fk_error(e: sqlx::Error) -> CoreError {
     e.into()
 }
 
+/// Registers a device (409 when the serial is taken).
+pub async fn create(pool: &PgPool, d: &NewDevice) -> CoreResult<Device> {
+    let mut tx = pool.begin().await?;
+    let device = insert(&mut tx, d)
+        .await?
+        .ok_or_else(|| CoreError::Conflict(format!("a device with serial {:?} already exists", d.serial)))?;
+    tx.commit().await?;
+    Ok(device)
+}
+
 /// Registers devices whose serial is not yet known (idempotent seeding); returns how
 /// many were new.
 pub async fn seed(pool: &PgPool, devices: &[NewDevice]) -> CoreResult<usize> {
     let mut tx = pool.begin().await?;
     let mut created = 0;
     for d in devices {
-        if let Some(device) = insert(&mut tx, d).await? {
-            events::append(&mut tx, event_types::DEVICE_CREATED, Subject::device(device.id), json!({"device": device}))
-                .await?;
-            created += 1;
-        }
+        created += usize::from(insert(&mut tx, d).await?.is_some());
     }
     tx.commit().await?;
     Ok(created)
 }
 
-pub async fn get(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
-    let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices d WHERE d.id = $1"))
-        .bind(id)
+/// Inserts unless the serial exists (then `None`), with its `device.created` event.
+async fn insert(conn: &mut PgConnection, d: &NewDevice) -> CoreResult<Option<Device>> {
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "INSERT INTO devices (id, serial, name, platform, model, pool, labels, driver, host_id, status, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (serial) DO NOTHING
+         RETURNING *",
+        DeviceId::random() as DeviceId,
+        d.serial,
+        d.name,
+        d.platform,
+        d.model,
+        d.pool,
+        &d.labels,
+        d.driver as Driver,
+        d.host_id as Option<HostId>,
+        d.status as DeviceStatus,
+        d.metadata,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(host_fk_error)?;
+    let Some(device) = row.map(Device::from) else { return Ok(None) };
+    events::append(conn, EventKind::DeviceCreated, Subject::device(device.id), json!({"device": device})).await?;
+    Ok(Some(device))
+}
+
+/// One device.
+pub async fn get(pool: &PgPool, id: DeviceId) -> CoreResult<Device> {
+    let row = sqlx::query_as!(DeviceRow, "SELECT * FROM devices WHERE id = $1", id as DeviceId)
         .fetch_optional(pool)
         .await?
         .ok_or_else(|| CoreError::not_found(format!("device {id}")))?;
-    Ok(from_row(&row)?)
+    Ok(row.into())
 }
 
-pub async fn list(pool: &PgPool, filter: &DeviceFilter, limit: i64, cursor: Option<Cursor>) -> CoreResult<Page<Device>> {
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        device_columns!(),
-        "
-         FROM devices d
-         WHERE ($1::text IS NULL OR d.status = $1)
-           AND ($2::text IS NULL OR d.pool = $2)
-           AND ($3::text IS NULL OR $3 = ANY (d.labels))
-           AND ($4::uuid IS NULL OR d.host_id = $4)
-           AND ($5::timestamptz IS NULL OR (d.created_at, d.id) < ($5, $6))
-         ORDER BY d.created_at DESC, d.id DESC
-         LIMIT $7"
-    ))
-    .bind(filter.status.map(|s| s.as_str()))
-    .bind(&filter.pool)
-    .bind(&filter.label)
-    .bind(filter.host_id)
-    .bind(cursor.map(|c| c.created_at))
-    .bind(cursor.map(|c| c.id))
-    .bind(limit + 1)
+/// Devices newest first, filtered, one page.
+pub async fn list(
+    pool: &PgPool,
+    filter: &DeviceFilter,
+    limit: i64,
+    cursor: Option<Cursor>,
+) -> CoreResult<Page<Device>> {
+    let rows = sqlx::query_as!(
+        DeviceRow,
+        "SELECT * FROM devices
+         WHERE ($1::device_status IS NULL OR status = $1)
+           AND ($2::text IS NULL OR pool = $2)
+           AND ($3::text IS NULL OR $3 = ANY (labels))
+           AND ($4::uuid IS NULL OR host_id = $4)
+           AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $7",
+        filter.status as Option<DeviceStatus>,
+        filter.pool,
+        filter.label,
+        filter.host_id as Option<HostId>,
+        cursor.map(|c| c.created_at),
+        cursor.map(|c| c.id),
+        limit + 1,
+    )
     .fetch_all(pool)
     .await?;
-    let items = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    Ok(Page::from_rows(items, limit, |d| Cursor { created_at: d.created_at, id: d.id }))
+    let items = rows.into_iter().map(Device::from).collect();
+    Ok(Page::from_rows(items, limit, |d: &Device| Cursor { created_at: d.created_at, id: d.id.0 }))
 }
 
-pub async fn update(pool: &PgPool, id: Uuid, p: &DevicePatch) -> CoreResult<Device> {
-    let mut tx = pool.begin().await?;
-    let row = sqlx::query(concat!(
-        "WITH d AS (
-            UPDATE devices SET
-                name = COALESCE($2, name),
-                platform = COALESCE($3, platform),
-                model = CASE WHEN $4 THEN $5 ELSE model END,
-                pool = COALESCE($6, pool),
-                labels = COALESCE($7, labels),
-                status = COALESCE($8, status),
-                host_id = CASE WHEN $9 THEN $10 ELSE host_id END,
-                metadata = COALESCE($11, metadata),
-                updated_at = now()
-            WHERE id = $1 RETURNING *) SELECT ",
-        device_columns!(),
-        " FROM d"
-    ))
-    .bind(id)
-    .bind(&p.name)
-    .bind(&p.platform)
-    .bind(p.model.is_some())
-    .bind(p.model.clone().flatten())
-    .bind(&p.pool)
-    .bind(&p.labels)
-    .bind(p.status.map(|s| s.as_str()))
-    .bind(p.host_id.is_some())
-    .bind(p.host_id.flatten())
-    .bind(&p.metadata)
-    .fetch_optional(&mut *tx)
+/// Applies a patch (and its `device.updated` event) in the caller's transaction.
+pub async fn update(conn: &mut PgConnection, id: DeviceId, p: &DevicePatch) -> CoreResult<Device> {
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "UPDATE devices SET
+            name = COALESCE($2, name),
+            platform = COALESCE($3, platform),
+            model = CASE WHEN $4 THEN $5 ELSE model END,
+            pool = COALESCE($6, pool),
+            labels = COALESCE($7, labels),
+            status = COALESCE($8, status),
+            host_id = CASE WHEN $9 THEN $10 ELSE host_id END,
+            metadata = COALESCE($11, metadata),
+            updated_at = now()
+         WHERE id = $1 RETURNING *",
+        id as DeviceId,
+        p.name,
+        p.platform,
+        p.model.is_some(),
+        p.model.clone().flatten(),
+        p.pool,
+        p.labels.as_deref(),
+        p.status as Option<DeviceStatus>,
+        p.host_id.is_some(),
+        p.host_id.flatten() as Option<HostId>,
+        p.metadata,
+    )
+    .fetch_optional(&mut *conn)
     .await
     .map_err(host_fk_error)?
     .ok_or_else(|| CoreError::not_found(format!("device {id}")))?;
-    let device = from_row(&row)?;
-    events::append(&mut tx, event_types::DEVICE_UPDATED, Subject::device(id), json!({"device": device})).await?;
-    tx.commit().await?;
+    let device = Device::from(row);
+    events::append(conn, EventKind::DeviceUpdated, Subject::device(id), json!({"device": device})).await?;
     Ok(device)
 }
 
-/// Deletes a device that no run holds (409 while leased).
-pub async fn delete(pool: &PgPool, id: Uuid) -> CoreResult<()> {
-    let mut tx = pool.begin().await?;
-    let lease: Option<Option<Uuid>> = sqlx::query_scalar("SELECT lease_run_id FROM devices WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+/// Locks a device for deletion: 404 if absent, 409 while a run holds it.
+pub async fn lock_for_delete(conn: &mut PgConnection, id: DeviceId) -> CoreResult<()> {
+    let lease = sqlx::query_scalar!(
+        r#"SELECT lease_run_id AS "lease: RunId" FROM devices WHERE id = $1 FOR UPDATE"#,
+        id as DeviceId
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     match lease {
-        None => return Err(CoreError::not_found(format!("device {id}"))),
-        Some(Some(run)) => {
-            return Err(CoreError::Conflict(format!("device {id} is running run {run}; cancel it or wait")));
-        }
-        Some(None) => {}
+        None => Err(CoreError::not_found(format!("device {id}"))),
+        Some(Some(run)) => Err(CoreError::Conflict(format!("device {id} is running run {run}; cancel it or wait"))),
+        Some(None) => Ok(()),
     }
-    sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx).await?;
-    events::append(&mut tx, event_types::DEVICE_DELETED, Subject::device(id), json!({})).await?;
-    tx.commit().await?;
+}
+
+/// Deletes a locked device, with its `device.deleted` event.
+pub async fn delete(conn: &mut PgConnection, id: DeviceId) -> CoreResult<()> {
+    sqlx::query!("DELETE FROM devices WHERE id = $1", id as DeviceId).execute(&mut *conn).await?;
+    events::append(conn, EventKind::DeviceDeleted, Subject::device(id), json!({})).await?;
     Ok(())
 }
 
-/// Whether some device matching `selector` could take a run right now.
-pub async fn any_claimable(conn: &mut PgConnection, selector: &Value) -> CoreResult<bool> {
-    let sql = concat!(
-        "SELECT EXISTS (SELECT 1 FROM devices d WHERE d.status = 'online' AND d.lease_run_id IS NULL ",
-        "AND (d.breaker_state = 'closed' OR (d.breaker_state = 'open' AND d.breaker_open_until <= now())) AND ",
-        selector_matches!("$1::jsonb"),
-        ")"
-    );
-    Ok(sqlx::query_scalar(sql).bind(selector).fetch_one(&mut *conn).await?)
-}
-
-/// Whether any device at all (in any state) matches `selector`.
-pub async fn any_matching(pool: &PgPool, selector: &Value) -> CoreResult<bool> {
-    let sql = concat!("SELECT EXISTS (SELECT 1 FROM devices d WHERE d.status <> 'retired' AND ", selector_matches!("$1::jsonb"), ")");
-    Ok(sqlx::query_scalar(sql).bind(selector).fetch_one(pool).await?)
-}
-
 /// Closes a device's breaker by hand (`POST /devices/{id}/breaker/reset`).
-pub async fn reset_breaker(pool: &PgPool, id: Uuid) -> CoreResult<Device> {
+pub async fn reset_breaker(pool: &PgPool, id: DeviceId) -> CoreResult<Device> {
     let mut tx = pool.begin().await?;
-    let before: Option<String> = sqlx::query_scalar("SELECT breaker_state FROM devices WHERE id = $1 FOR UPDATE")
-        .bind(id)
+    let before = sqlx::query_scalar!("SELECT breaker_state FROM devices WHERE id = $1 FOR UPDATE", id as DeviceId)
         .fetch_optional(&mut *tx)
-        .await?;
-    let Some(before) = before else { return Err(CoreError::not_found(format!("device {id}"))) };
-    let row = sqlx::query(concat!(
-        "WITH d AS (UPDATE devices SET breaker_state = 'closed', breaker_failures = 0, breaker_trips = 0,
-                breaker_open_until = NULL, updated_at = now() WHERE id = $1 RETURNING *) SELECT ",
-        device_columns!(),
-        " FROM d"
-    ))
-    .bind(id)
+        .await?
+        .ok_or_else(|| CoreError::not_found(format!("device {id}")))?;
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "UPDATE devices SET breaker_state = 'closed', breaker_failures = 0, breaker_trips = 0, breaker_open_until = NULL,
+            updated_at = now()
+         WHERE id = $1 RETURNING *",
+        id as DeviceId
+    )
     .fetch_one(&mut *tx)
     .await?;
-    let device = from_row(&row)?;
-    if before != "closed" {
-        events::append(&mut tx, "device.breaker_closed", Subject::device(id), json!({"reason": "reset", "was": before})).await?;
+    if before != BreakerState::Closed {
+        let data = json!({"reason": "reset", "was": before});
+        events::append(&mut tx, EventKind::DeviceBreakerClosed, Subject::device(id), data).await?;
     }
     tx.commit().await?;
-    Ok(device)
+    Ok(row.into())
+}
+
+/// Whether some device matching `selector` could take a run right now.
+pub async fn any_claimable(conn: &mut PgConnection, selector: &Selector) -> CoreResult<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM devices d WHERE device_claimable(d) AND selector_matches($1, d)) AS "any!""#,
+        selector.to_json()
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// Whether any device that may serve runs, now or later (not retired), matches.
+pub async fn any_matching(conn: &mut PgConnection, selector: &Selector) -> CoreResult<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM devices d WHERE d.status <> 'retired' AND selector_matches($1, d)) AS "any!""#,
+        selector.to_json()
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// The best free device matching `selector`, locked for the caller's transaction:
+/// closed breakers before cooled-down open ones, then the longest idle.
+pub(crate) async fn pick_claimable(conn: &mut PgConnection, selector: &Selector) -> CoreResult<Option<DeviceId>> {
+    Ok(sqlx::query_scalar!(
+        "SELECT d.id FROM devices d WHERE device_claimable(d) AND selector_matches($1, d)
+         ORDER BY (d.breaker_state = 'closed') DESC, d.updated_at, d.id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        selector.to_json()
+    )
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Locks the device if it is free to take a run now (the release hand-off).
+pub(crate) async fn lock_if_claimable(conn: &mut PgConnection, id: DeviceId) -> CoreResult<bool> {
+    let found = sqlx::query_scalar!(
+        "SELECT d.id FROM devices d WHERE d.id = $1 AND device_claimable(d) FOR UPDATE SKIP LOCKED",
+        id as DeviceId
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// Leases a locked, claimable device to `run` for `owner`. A run that touches the
+/// device (`may_probe`) turns a cooled-down open breaker half-open: it is the probe.
+/// Returns the device and whether this run is the probe.
+pub(crate) async fn lease(
+    conn: &mut PgConnection,
+    id: DeviceId,
+    run: RunId,
+    owner: &str,
+    ttl: Duration,
+    may_probe: bool,
+) -> CoreResult<(Device, bool)> {
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "UPDATE devices SET lease_run_id = $2, lease_owner = $3, lease_expires_at = now() + make_interval(secs => $4),
+            breaker_state = CASE WHEN breaker_state = 'open' AND $5 THEN 'half_open' ELSE breaker_state END,
+            updated_at = now()
+         WHERE id = $1 RETURNING *",
+        id as DeviceId,
+        run as RunId,
+        owner,
+        ttl.as_secs_f64(),
+        may_probe,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    // Only an open breaker turns half-open here (a half-open device is not claimable).
+    let probe = may_probe && row.breaker_state == BreakerState::HalfOpen;
+    Ok((row.into(), probe))
+}
+
+/// Extends the lease of the device `run` holds for `owner`.
+pub(crate) async fn renew_lease(conn: &mut PgConnection, run: RunId, owner: &str, ttl: Duration) -> CoreResult<()> {
+    sqlx::query!(
+        "UPDATE devices SET lease_expires_at = now() + make_interval(secs => $3) WHERE lease_run_id = $1 AND lease_owner = $2",
+        run as RunId,
+        owner,
+        ttl.as_secs_f64(),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Breaker settings a releasing worker applies.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerPolicy {
+    /// Consecutive infrastructure errors that open the breaker.
+    pub threshold: i32,
+    /// Cooldown of a first opening (seconds); it doubles with each re-opening.
+    pub cooldown_s: i64,
+}
+
+/// Frees the device `run` held for `owner` and applies `effect` to its breaker
+/// (`breaker::next` decides; this writes), with an event when the breaker opens or
+/// closes.
+pub(crate) async fn release(
+    conn: &mut PgConnection,
+    id: DeviceId,
+    run: RunId,
+    owner: &str,
+    effect: Effect,
+    policy: BreakerPolicy,
+) -> CoreResult<()> {
+    let row = sqlx::query!(
+        r#"SELECT breaker_state, breaker_failures, breaker_trips, breaker_open_until, now() AS "now!"
+           FROM devices WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3 FOR UPDATE"#,
+        id as DeviceId,
+        run as RunId,
+        owner,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let current = BreakerRow {
+        state: row.breaker_state,
+        failures: row.breaker_failures,
+        trips: row.breaker_trips,
+        open_until: row.breaker_open_until,
+    };
+    let (next, transition) = breaker::next(current, effect, policy.threshold, policy.cooldown_s, row.now);
+    sqlx::query!(
+        "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
+            breaker_state = $2, breaker_failures = $3, breaker_trips = $4, breaker_open_until = $5, updated_at = now()
+         WHERE id = $1",
+        id as DeviceId,
+        next.state as BreakerState,
+        next.failures,
+        next.trips,
+        next.open_until,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if let Some(t) = transition {
+        let kind = match t {
+            Transition::Opened => EventKind::DeviceBreakerOpened,
+            Transition::Closed => EventKind::DeviceBreakerClosed,
+        };
+        let data = json!({"consecutive_failures": next.failures, "open_until": next.open_until, "trips": next.trips});
+        events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), schedule_id: None }, data).await?;
+    }
+    Ok(())
+}
+
+/// Frees the device of a run recovered from a dead worker. A dead worker says nothing
+/// about the device, so the breaker is untouched, except that a probe that died is
+/// retried at once (back to open, cooled down).
+pub(crate) async fn free_after_recovery(conn: &mut PgConnection, run: RunId) -> CoreResult<()> {
+    sqlx::query!(
+        "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
+            breaker_state = CASE WHEN breaker_state = 'half_open' THEN 'open' ELSE breaker_state END,
+            breaker_open_until = CASE WHEN breaker_state = 'half_open' THEN now() ELSE breaker_open_until END,
+            updated_at = now()
+         WHERE lease_run_id = $1",
+        run as RunId
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Frees expired leases whose run is not running any more (should not happen: belt
+/// and braces for the recovery).
+pub(crate) async fn free_orphan_leases(conn: &mut PgConnection) -> CoreResult<u64> {
+    let r = sqlx::query!(
+        "UPDATE devices d SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+         WHERE d.lease_run_id IS NOT NULL AND d.lease_expires_at < now()
+           AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = d.lease_run_id AND r.status = 'running')"
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Validates `metadata.sim` (the sim driver trusts it): each problem named by its path.
+pub fn check_sim_metadata(metadata: &Value) -> Result<(), (String, String)> {
+    let Some(sim) = metadata.get("sim") else { return Ok(()) };
+    let Some(sim) = sim.as_object() else {
+        return Err(("metadata.sim".into(), "must be an object".into()));
+    };
+    for (key, value) in sim {
+        let path = format!("metadata.sim.{key}");
+        let problem = match key.as_str() {
+            "latency_ms" if !value.as_f64().is_some_and(|x| (0.0..=3_600_000.0).contains(&x)) => {
+                "must be a number of milliseconds between 0 and 3600000"
+            }
+            "fail_rate" | "error_rate" if !value.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
+                "must be a probability between 0 and 1"
+            }
+            "seed" if value.as_u64().is_none() => "must be a non-negative integer",
+            "latency_ms" | "fail_rate" | "error_rate" | "seed" => continue,
+            _ => "unknown sim setting (expected latency_ms, fail_rate, error_rate or seed)",
+        };
+        return Err((path, problem.into()));
+    }
+    Ok(())
 }

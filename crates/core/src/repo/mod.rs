@@ -1,9 +1,13 @@
-//! Postgres repositories, one module per table family. Handlers never write SQL.
+//! Postgres repositories, one module per table family: they take typed values, lock
+//! and write rows, and hold every SQL statement of the product. Handlers never write
+//! SQL; `service` composes repositories into the operations roles call.
 
+pub mod campaign_runs;
+pub mod campaigns;
 pub mod devices;
 pub mod events;
 pub mod processes;
 pub mod runs;
 pub mod schedules;
+pub mod stats;
 pub mod workflows;
-pub mod campaigns;

@@ -12,55 +12,79 @@ pub mod sim;
 
 use std::{collections::HashMap, sync::Arc};
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
-use serde_json::Value;
-use switchboard_core::{catalog::ModuleSpec, model::{Device, Driver as DriverKind}};
+use serde_json::{Value, json};
+use switchboard_core::{
+    catalog::ModuleSpec,
+    ids::RunId,
+    model::{Device, Driver as DriverKind},
+    run_error::{ErrorKind, RunError},
+};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// What a module reported when it ran.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
+    /// The check passed; the module's result.
     Passed(Value),
+    /// The check failed (a verdict, never retried); the module's result.
     Failed(Value),
 }
 
 /// An infrastructure error: the module could not be carried out.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DriverError {
+    /// The device did not answer.
     #[error("device unreachable: {0}")]
     Unreachable(String),
+    /// The driver failed.
     #[error("driver error: {0}")]
     Driver(String),
+    /// This worker has no driver for the device (a configuration error).
     #[error("no {0} driver in this build")]
     Unavailable(String),
+    /// The module is not in this worker's catalog (a version mismatch).
+    #[error("module {0:?} is not in this worker's catalog")]
+    Unknown(String),
+    /// The module was interrupted (cancel, lost lease, shutdown).
     #[error("interrupted")]
     Interrupted,
 }
 
 impl DriverError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DriverError::Unreachable(_) => "device_unreachable",
-            DriverError::Driver(_) => "driver_error",
-            DriverError::Unavailable(_) => "driver_unavailable",
-            DriverError::Interrupted => "interrupted",
-        }
+    /// The run error it is recorded as.
+    pub fn to_run_error(&self) -> RunError {
+        let kind = match self {
+            DriverError::Unreachable(_) => ErrorKind::DeviceUnreachable,
+            DriverError::Driver(_) | DriverError::Unknown(_) => ErrorKind::DriverError,
+            DriverError::Unavailable(_) => ErrorKind::DriverUnavailable,
+            DriverError::Interrupted => ErrorKind::Interrupted,
+        };
+        RunError::new(kind, self.to_string())
     }
 }
 
 /// One module invocation.
 pub struct ModuleCall<'a> {
-    pub run_id: Uuid,
+    /// The run.
+    pub run_id: RunId,
+    /// Its attempt.
     pub attempt: i32,
+    /// The leased device.
     pub device: &'a Device,
+    /// The module.
     pub module: &'static ModuleSpec,
+    /// Its parameters, validated, defaults filled in.
     pub params: &'a Value,
     /// Cancelled when the run is cancelled, loses its lease or the worker stops.
     pub cancel: CancellationToken,
 }
 
+/// How a kind of device carries modules out.
 pub trait Driver: Send + Sync {
+    /// Runs one module call to a verdict or an infrastructure error.
     fn execute<'a>(&'a self, call: ModuleCall<'a>) -> BoxFuture<'a, Result<Verdict, DriverError>>;
 }
 
@@ -71,13 +95,36 @@ pub struct Drivers {
 }
 
 impl Drivers {
+    /// The drivers of this build.
     pub fn builtin() -> Drivers {
         let mut by_kind: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         by_kind.insert(DriverKind::Sim, Arc::new(sim::SimDriver));
         Drivers { by_kind }
     }
 
+    /// The driver for a kind of device, if this worker has it.
     pub fn get(&self, kind: DriverKind) -> Option<Arc<dyn Driver>> {
         self.by_kind.get(&kind).cloned()
+    }
+}
+
+/// `sleep`: waits `ms`, then reports the scripted outcome. Touches no device. Its
+/// params were validated when the run was created; params that no longer read are a
+/// driver error, never a zero-length sleep.
+pub async fn sleep(params: &Value, cancel: CancellationToken) -> Result<Verdict, DriverError> {
+    let Some(ms) = params.get("ms").and_then(Value::as_u64) else {
+        return Err(DriverError::Driver(format!("sleep: params.ms is not a whole number of milliseconds: {params}")));
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+        _ = cancel.cancelled() => return Err(DriverError::Interrupted),
+    }
+    match params.get("outcome").and_then(Value::as_str) {
+        Some("failed") => {
+            Ok(Verdict::Failed(json!({"slept_ms": ms, "outcome": "failed", "reason": "scripted failure"})))
+        }
+        Some("error") => Err(DriverError::Driver("sleep: scripted infrastructure error".into())),
+        Some("passed") | None => Ok(Verdict::Passed(json!({"slept_ms": ms, "outcome": "passed"}))),
+        Some(other) => Err(DriverError::Driver(format!("sleep: unknown outcome {other:?}"))),
     }
 }

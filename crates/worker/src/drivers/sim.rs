@@ -39,9 +39,9 @@ impl Driver for SimDriver {
             let settings = SimSettings::from_metadata(&call.device.metadata);
             let mut rng = match settings.seed {
                 // Same seed, run and attempt: same dice.
-                Some(seed) => fastrand::Rng::with_seed(
-                    seed ^ (call.run_id.as_u128() as u64) ^ ((call.attempt as u64) << 32),
-                ),
+                Some(seed) => {
+                    fastrand::Rng::with_seed(seed ^ (call.run_id.0.as_u128() as u64) ^ ((call.attempt as u64) << 32))
+                }
                 None => fastrand::Rng::new(),
             };
             if settings.latency_ms > 0.0 {
@@ -64,7 +64,13 @@ impl Driver for SimDriver {
     }
 }
 
-fn simulate(module: &str, p: &Value, device: &switchboard_core::model::Device, fail: bool, rng: &mut fastrand::Rng) -> Verdict {
+fn simulate(
+    module: &str,
+    p: &Value,
+    device: &switchboard_core::model::Device,
+    fail: bool,
+    rng: &mut fastrand::Rng,
+) -> Verdict {
     let verdict = |result: Value| if fail { Verdict::Failed(result) } else { Verdict::Passed(result) };
     match module {
         "ping" => {
@@ -184,7 +190,7 @@ mod tests {
         let params = catalog::validate_params(spec, Some(&params), "params").unwrap();
         SimDriver
             .execute(ModuleCall {
-                run_id: uuid::Uuid::new_v4(),
+                run_id: switchboard_core::ids::RunId::random(),
                 attempt: 1,
                 device: &d,
                 module: spec,

@@ -1,0 +1,641 @@
+//! The request bodies of the API, typed, and how each becomes a core command.
+//!
+//! Each body is a serde struct of `Field`s (so every bad field is named at once, not
+//! only the first); `TryFrom` checks the values with core's validators and builds the
+//! command. Nothing here reads the database: what only the database can tell (does
+//! the workflow exist, does a device match) is the service's to check.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use switchboard_core::{
+    CoreError, CoreResult, catalog,
+    catalog::ModuleSpec,
+    cron_expr::{CronExpr, parse_tz},
+    definition::{CampaignItem, ItemAction, Target, WorkflowStep},
+    error::FieldErrors,
+    ids::{CampaignId, HostId, WorkflowId},
+    launch::{CAMPAIGN_TIMEOUT_S, RunOptions},
+    model::{DeviceStatus, Driver, Misfire, Overlap, RunKind},
+    repo::{
+        campaigns::{CampaignInput, DEFAULT_MAX_PARALLEL, MAX_ITEMS},
+        devices::{DevicePatch, NewDevice, check_sim_metadata},
+        workflows::{MAX_STEPS, WorkflowInput, check_step},
+    },
+    selector::Selector,
+    service::{NewSchedule, SchedulePatch, StartCampaign, StartModule, StartWorkflow},
+    validation::{self, Problems},
+};
+
+use crate::extract::{Field, Unknown};
+
+/// A required field accepted without a value: impossible (`Field::required` records a
+/// problem whenever it returns nothing), answered as a bug rather than a panic.
+fn unchecked(what: &str) -> CoreError {
+    CoreError::Internal(format!("{what} was accepted without its required fields"))
+}
+
+fn text(field: Field<String>, name: &str, max: usize, p: &mut Problems) -> Option<String> {
+    field.optional(name, p).and_then(|s| p.take(validation::text(name, &s, max)))
+}
+
+fn selector(value: Value, name: &str, p: &mut Problems) -> Option<Selector> {
+    p.take(Selector::parse(name, &value))
+}
+
+const SELECTOR_HINT: &str = "{\"id\"}, {\"serial\"} or {\"pool\", \"labels\"}";
+
+fn bounded(field: Field<i64>, name: &str, min: i64, max: i64, p: &mut Problems) -> Option<i32> {
+    field.optional(name, p).and_then(|n| p.take(validation::int_in(name, n, min, max))).map(|n| n as i32)
+}
+
+/// A start request: what it starts (from the path), its body, and its
+/// `Idempotency-Key` header.
+#[derive(Debug)]
+pub struct Start<T, B> {
+    /// The module, workflow or campaign (from the path).
+    pub of: T,
+    /// The request body.
+    pub body: B,
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+}
+
+/// The settings every start body shares.
+#[derive(Debug, Default, Deserialize)]
+pub struct StartOptions {
+    #[serde(default)]
+    priority: Field<i64>,
+    #[serde(default)]
+    timeout_s: Field<i64>,
+    #[serde(default)]
+    max_attempts: Field<i64>,
+    #[serde(default)]
+    max_queue_wait_s: Field<i64>,
+}
+
+impl StartOptions {
+    const FIELDS: [&'static str; 4] = ["priority", "timeout_s", "max_attempts", "max_queue_wait_s"];
+
+    fn read(self, idempotency_key: Option<String>, p: &mut Problems) -> RunOptions {
+        RunOptions {
+            priority: bounded(self.priority, "priority", 0, 9, p).unwrap_or(5) as i16,
+            timeout_s: bounded(self.timeout_s, "timeout_s", 1, 86_400, p),
+            max_attempts: bounded(self.max_attempts, "max_attempts", 1, 20, p),
+            max_queue_wait_s: bounded(self.max_queue_wait_s, "max_queue_wait_s", 1, 30 * 86_400, p),
+            idempotency_key,
+            ..RunOptions::default()
+        }
+    }
+}
+
+fn expected(own: &[&'static str]) -> Vec<&'static str> {
+    own.iter().copied().chain(StartOptions::FIELDS).collect()
+}
+
+/// `POST /modules/{id}/runs`.
+#[derive(Debug, Deserialize)]
+pub struct ModuleRunBody {
+    #[serde(default)]
+    params: Field<Value>,
+    #[serde(default)]
+    device: Field<Value>,
+    #[serde(flatten)]
+    options: StartOptions,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<Start<&'static ModuleSpec, ModuleRunBody>> for StartModule {
+    type Error = CoreError;
+    fn try_from(
+        Start { of: module, body: b, idempotency_key: key }: Start<&'static ModuleSpec, ModuleRunBody>,
+    ) -> CoreResult<StartModule> {
+        let mut p = Problems::new();
+        b.unknown.check(&expected(&["params", "device"]), &mut p);
+        let params = b.params.optional("params", &mut p);
+        let params = p.take(catalog::validate_params(module, params.as_ref(), "params"));
+        let device = b.device.required("device", &mut p, SELECTOR_HINT).and_then(|v| selector(v, "device", &mut p));
+        let mut options = b.options.read(key, &mut p);
+        p.finish()?;
+        options.timeout_s = options.timeout_s.or(Some(module.default_timeout_s));
+        let (Some(params), Some(device)) = (params, device) else { return Err(unchecked("a module run")) };
+        Ok(StartModule { module, params, device, options })
+    }
+}
+
+/// `POST /workflows/{id}/runs`.
+#[derive(Debug, Deserialize)]
+pub struct WorkflowRunBody {
+    #[serde(default)]
+    params: Field<Map<String, Value>>,
+    #[serde(default)]
+    device: Field<Value>,
+    #[serde(flatten)]
+    options: StartOptions,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<Start<WorkflowId, WorkflowRunBody>> for StartWorkflow {
+    type Error = CoreError;
+    fn try_from(
+        Start { of: workflow, body: b, idempotency_key: key }: Start<WorkflowId, WorkflowRunBody>,
+    ) -> CoreResult<StartWorkflow> {
+        let mut p = Problems::new();
+        b.unknown.check(&expected(&["params", "device"]), &mut p);
+        let params = b.params.optional("params", &mut p).unwrap_or_default();
+        let device = b.device.required("device", &mut p, SELECTOR_HINT).and_then(|v| selector(v, "device", &mut p));
+        let options = b.options.read(key, &mut p);
+        p.finish()?;
+        let Some(device) = device else { return Err(unchecked("a workflow run")) };
+        Ok(StartWorkflow { workflow, params, device, options })
+    }
+}
+
+/// `POST /campaigns/{id}/runs`.
+#[derive(Debug, Deserialize)]
+pub struct CampaignRunBody {
+    #[serde(default)]
+    priority: Field<i64>,
+    #[serde(default)]
+    timeout_s: Field<i64>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<Start<CampaignId, CampaignRunBody>> for StartCampaign {
+    type Error = CoreError;
+    fn try_from(
+        Start { of: campaign, body: b, idempotency_key: key }: Start<CampaignId, CampaignRunBody>,
+    ) -> CoreResult<StartCampaign> {
+        let mut p = Problems::new();
+        b.unknown.check(&["priority", "timeout_s"], &mut p);
+        let options = RunOptions {
+            priority: bounded(b.priority, "priority", 0, 9, &mut p).unwrap_or(5) as i16,
+            timeout_s: bounded(b.timeout_s, "timeout_s", 1, i64::from(CAMPAIGN_TIMEOUT_S) * 4, &mut p),
+            idempotency_key: key,
+            ..RunOptions::default()
+        };
+        p.finish()?;
+        Ok(StartCampaign { campaign, options })
+    }
+}
+
+/// `POST /runs/{id}/retry`.
+#[derive(Debug, Deserialize)]
+pub struct RetryBody {
+    #[serde(default)]
+    failed_only: Field<bool>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl RetryBody {
+    /// Whether only a campaign's failed children are retried.
+    pub fn failed_only(self) -> CoreResult<bool> {
+        let mut p = Problems::new();
+        self.unknown.check(&["failed_only"], &mut p);
+        let failed_only = self.failed_only.optional("failed_only", &mut p).unwrap_or(false);
+        p.finish()?;
+        Ok(failed_only)
+    }
+}
+
+const DEVICE_FIELDS: &[&str] =
+    &["serial", "name", "platform", "model", "pool", "labels", "driver", "host_id", "status", "metadata"];
+
+/// `POST /devices`.
+#[derive(Debug, Deserialize)]
+pub struct DeviceBody {
+    #[serde(default)]
+    serial: Field<String>,
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    platform: Field<String>,
+    #[serde(default)]
+    model: Field<String>,
+    #[serde(default)]
+    pool: Field<String>,
+    #[serde(default)]
+    labels: Field<Vec<String>>,
+    #[serde(default)]
+    driver: Field<Driver>,
+    #[serde(default)]
+    host_id: Field<HostId>,
+    #[serde(default)]
+    status: Field<DeviceStatus>,
+    #[serde(default)]
+    metadata: Field<Map<String, Value>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+fn metadata(field: Field<Map<String, Value>>, p: &mut Problems, patch: bool) -> Option<Value> {
+    let value = if patch { field.patch("metadata", p) } else { field.optional("metadata", p) }.map(Value::Object);
+    if let Some(m) = &value
+        && let Err((f, problem)) = check_sim_metadata(m)
+    {
+        p.add(f, problem);
+    }
+    value
+}
+
+impl TryFrom<DeviceBody> for NewDevice {
+    type Error = CoreError;
+    fn try_from(b: DeviceBody) -> CoreResult<NewDevice> {
+        let mut p = Problems::new();
+        b.unknown.check(DEVICE_FIELDS, &mut p);
+        let serial = b.serial.required("serial", &mut p, "").and_then(|s| p.take(validation::text("serial", &s, 128)));
+        let name = text(b.name, "name", 200, &mut p);
+        let platform = text(b.platform, "platform", 64, &mut p).unwrap_or_else(|| "android".into());
+        let model = text(b.model, "model", 200, &mut p);
+        let pool = text(b.pool, "pool", 128, &mut p).unwrap_or_else(|| "default".into());
+        let labels = b.labels.optional("labels", &mut p).and_then(|l| p.take(validation::labels("labels", &l)));
+        let drivers: Vec<&str> = Driver::ALL.iter().map(|d| d.as_str()).collect();
+        let driver = b.driver.required("driver", &mut p, &format!("one of {}", drivers.join(", ")));
+        let host_id = b.host_id.optional("host_id", &mut p);
+        let status = b.status.optional("status", &mut p).unwrap_or(DeviceStatus::Online);
+        let metadata = metadata(b.metadata, &mut p, false).unwrap_or_else(|| Value::Object(Map::new()));
+        if driver == Some(Driver::Host) && host_id.is_none() && !p.has("host_id") {
+            p.add("host_id", "is required for driver host");
+        }
+        p.finish()?;
+        let (Some(serial), Some(driver)) = (serial, driver) else { return Err(unchecked("a device")) };
+        Ok(NewDevice {
+            name: name.unwrap_or_else(|| serial.clone()),
+            serial,
+            platform,
+            model,
+            pool,
+            labels: labels.unwrap_or_default(),
+            driver,
+            host_id,
+            status,
+            metadata,
+        })
+    }
+}
+
+/// `PATCH /devices/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct DevicePatchBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    platform: Field<String>,
+    #[serde(default)]
+    model: Field<String>,
+    #[serde(default)]
+    pool: Field<String>,
+    #[serde(default)]
+    labels: Field<Vec<String>>,
+    #[serde(default)]
+    status: Field<DeviceStatus>,
+    #[serde(default)]
+    host_id: Field<HostId>,
+    #[serde(default)]
+    metadata: Field<Map<String, Value>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<DevicePatchBody> for DevicePatch {
+    type Error = CoreError;
+    fn try_from(b: DevicePatchBody) -> CoreResult<DevicePatch> {
+        let mut p = Problems::new();
+        b.unknown.check(&["name", "platform", "model", "pool", "labels", "status", "host_id", "metadata"], &mut p);
+        let patch_text = |f: Field<String>, name: &str, max: usize, p: &mut Problems| {
+            f.patch(name, p).and_then(|s| p.take(validation::text(name, &s, max)))
+        };
+        let patch = DevicePatch {
+            name: patch_text(b.name, "name", 200, &mut p),
+            platform: patch_text(b.platform, "platform", 64, &mut p),
+            model: b.model.clearable("model", &mut p),
+            pool: patch_text(b.pool, "pool", 128, &mut p),
+            labels: b.labels.patch("labels", &mut p).and_then(|l| p.take(validation::labels("labels", &l))),
+            status: b.status.patch("status", &mut p),
+            host_id: b.host_id.clearable("host_id", &mut p),
+            metadata: metadata(b.metadata, &mut p, true),
+        };
+        p.finish()?;
+        Ok(patch)
+    }
+}
+
+/// One step of a workflow body.
+#[derive(Debug, Deserialize)]
+pub struct StepBody {
+    #[serde(default)]
+    module: Field<String>,
+    #[serde(default)]
+    params: Field<Value>,
+    #[serde(default)]
+    timeout_s: Field<i64>,
+    #[serde(default)]
+    continue_on_failure: Field<bool>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+fn steps(field: Field<Vec<Value>>, p: &mut Problems) -> Option<Vec<WorkflowStep>> {
+    let hint = "a non-empty array of {module, params?, timeout_s?, continue_on_failure?}";
+    let raw = field.required("steps", p, hint)?;
+    if raw.is_empty() || raw.len() > MAX_STEPS {
+        p.add("steps", format!("must hold 1 to {MAX_STEPS} steps (got {})", raw.len()));
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, value) in raw.into_iter().enumerate() {
+        let path = format!("steps[{i}]");
+        let Ok(b) = serde_json::from_value::<StepBody>(value) else {
+            p.add(path, "must be an object {module, params?, timeout_s?, continue_on_failure?}");
+            continue;
+        };
+        let mut own = Problems::new();
+        b.unknown.check(&["module", "params", "timeout_s", "continue_on_failure"], &mut own);
+        let module = b.module.required("module", &mut own, "");
+        let params = b.params.optional("params", &mut own);
+        let timeout_s = b.timeout_s.optional("timeout_s", &mut own);
+        let continue_on_failure = b.continue_on_failure.optional("continue_on_failure", &mut own).unwrap_or(false);
+        p.extend(own.0.into_iter().map(|(f, m)| (format!("{path}.{f}"), m)).collect());
+        if let Some(module) = module {
+            out.extend(p.take(check_step(&path, &module, params.as_ref(), timeout_s, continue_on_failure)));
+        }
+    }
+    Some(out)
+}
+
+/// `POST /workflows`, `PUT /workflows/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct WorkflowBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    description: Field<String>,
+    #[serde(default)]
+    steps: Field<Vec<Value>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<WorkflowBody> for WorkflowInput {
+    type Error = CoreError;
+    fn try_from(b: WorkflowBody) -> CoreResult<WorkflowInput> {
+        let mut p = Problems::new();
+        b.unknown.check(&["name", "description", "steps"], &mut p);
+        let name = b.name.required("name", &mut p, "").and_then(|s| p.take(validation::text("name", &s, 200)));
+        let description = b.description.optional("description", &mut p).unwrap_or_default();
+        let steps = steps(b.steps, &mut p);
+        p.finish()?;
+        let (Some(name), Some(steps)) = (name, steps) else { return Err(unchecked("a workflow")) };
+        Ok(WorkflowInput { name, description, steps })
+    }
+}
+
+/// One item of a campaign body.
+#[derive(Debug, Deserialize)]
+pub struct ItemBody {
+    #[serde(default)]
+    workflow_id: Field<WorkflowId>,
+    #[serde(default)]
+    module: Field<String>,
+    #[serde(default)]
+    params: Field<Value>,
+    #[serde(default)]
+    device: Field<Value>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+fn item(path: &str, b: ItemBody, p: &mut Problems) -> Option<CampaignItem> {
+    let mut own = Problems::new();
+    b.unknown.check(&["workflow_id", "module", "params", "device"], &mut own);
+    let device = b.device.required("device", &mut own, "").and_then(|v| selector(v, "device", &mut own));
+    let action = match (b.workflow_id.given(), b.module.given()) {
+        (true, true) => {
+            own.add("", "give either workflow_id or module, not both");
+            None
+        }
+        (false, false) => {
+            own.add("", "needs a workflow_id or a module");
+            None
+        }
+        (true, false) => {
+            if b.params.given() {
+                own.add("params", "only module items take params");
+            }
+            b.workflow_id.required("workflow_id", &mut own, "").map(|workflow_id| ItemAction::Workflow { workflow_id })
+        }
+        (false, true) => b.module.required("module", &mut own, "").and_then(|m| match catalog::find(&m) {
+            None => {
+                own.add("module", format!("unknown module {m}"));
+                None
+            }
+            Some(spec) => {
+                let params = b.params.optional("params", &mut own);
+                own.take(catalog::validate_params(spec, params.as_ref(), "params"))
+                    .map(|params| ItemAction::Module { module: spec.id.to_string(), params })
+            }
+        }),
+    };
+    let named = |f: String| if f.is_empty() { path.to_string() } else { format!("{path}.{f}") };
+    p.extend(own.0.into_iter().map(|(f, m)| (named(f), m)).collect::<FieldErrors>());
+    Some(CampaignItem { action: action?, device: device? })
+}
+
+/// `POST /campaigns`, `PUT /campaigns/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct CampaignBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    description: Field<String>,
+    #[serde(default)]
+    items: Field<Vec<Value>>,
+    #[serde(default)]
+    stop_on_failure: Field<bool>,
+    #[serde(default)]
+    max_parallel: Field<i64>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+impl TryFrom<CampaignBody> for CampaignInput {
+    type Error = CoreError;
+    fn try_from(b: CampaignBody) -> CoreResult<CampaignInput> {
+        let mut p = Problems::new();
+        b.unknown.check(&["name", "description", "items", "stop_on_failure", "max_parallel"], &mut p);
+        let name = b.name.required("name", &mut p, "").and_then(|s| p.take(validation::text("name", &s, 200)));
+        let description = b.description.optional("description", &mut p).unwrap_or_default();
+        let stop_on_failure = b.stop_on_failure.optional("stop_on_failure", &mut p).unwrap_or(false);
+        let max_parallel = bounded(b.max_parallel, "max_parallel", 1, 1000, &mut p).unwrap_or(DEFAULT_MAX_PARALLEL);
+        let items = b
+            .items
+            .required("items", &mut p, "a non-empty array of {workflow_id | module + params, device}")
+            .and_then(|raw| {
+                if raw.is_empty() || raw.len() > MAX_ITEMS {
+                    p.add("items", format!("must hold 1 to {MAX_ITEMS} items (got {})", raw.len()));
+                    return None;
+                }
+                let mut items = Vec::with_capacity(raw.len());
+                for (i, value) in raw.into_iter().enumerate() {
+                    let path = format!("items[{i}]");
+                    match serde_json::from_value::<ItemBody>(value) {
+                        Ok(b) => items.extend(item(&path, b, &mut p)),
+                        Err(_) => p.add(path, "must be an object"),
+                    }
+                }
+                Some(items)
+            });
+        p.finish()?;
+        let (Some(name), Some(items)) = (name, items) else { return Err(unchecked("a campaign")) };
+        Ok(CampaignInput { name, description, items, stop_on_failure, max_parallel })
+    }
+}
+
+/// A schedule's target, as written.
+#[derive(Debug, Deserialize)]
+pub struct TargetBody {
+    #[serde(default)]
+    kind: Field<RunKind>,
+    #[serde(default)]
+    id: Field<String>,
+    #[serde(default)]
+    params: Field<Value>,
+    #[serde(default)]
+    device: Field<Value>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+fn target(value: Value, p: &mut Problems) -> Option<Target> {
+    let Ok(b) = serde_json::from_value::<TargetBody>(value) else {
+        p.add("target", "must be an object {kind, id, params?, device?}");
+        return None;
+    };
+    let mut own = Problems::new();
+    b.unknown.check(&["kind", "id", "params", "device"], &mut own);
+    let kind = b.kind.required("kind", &mut own, "module, workflow or campaign");
+    let id = b.id.required("id", &mut own, "a module id, or a workflow or campaign UUID");
+    let device_given = b.device.given();
+    let device = b.device.optional("device", &mut own).and_then(|v| selector(v, "device", &mut own));
+    let params_given = b.params.given();
+    let params = b.params.optional("params", &mut own);
+    let target = match (kind, id) {
+        (Some(RunKind::Module), Some(id)) => match catalog::find(&id) {
+            None => {
+                own.add("id", format!("unknown module {id:?}"));
+                None
+            }
+            Some(m) => own.take(catalog::validate_params(m, params.as_ref(), "params")).and_then(|params| {
+                device.clone().map(|device| Target::Module { id: m.id.to_string(), params, device })
+            }),
+        },
+        (Some(RunKind::Workflow), Some(id)) => {
+            let wid = id.parse::<WorkflowId>().map_err(|_| own.add("id", "must be the UUID of a workflow")).ok();
+            let params = match params {
+                None => None,
+                Some(Value::Object(m)) => Some(m),
+                Some(_) => {
+                    own.add("params", "must be an object");
+                    None
+                }
+            };
+            wid.zip(device.clone()).map(|(id, device)| Target::Workflow { id, params, device })
+        }
+        (Some(RunKind::Campaign), Some(id)) => {
+            if device_given {
+                own.add("device", "a campaign's items name their own devices");
+            }
+            if params_given {
+                own.add("params", "a campaign takes no params");
+            }
+            id.parse::<CampaignId>()
+                .map_err(|_| own.add("id", "must be the UUID of a campaign"))
+                .ok()
+                .map(|id| Target::Campaign { id })
+        }
+        _ => None,
+    };
+    if matches!(kind, Some(RunKind::Module | RunKind::Workflow)) && device.is_none() && !own.has("device") {
+        own.add("device", "is required for module and workflow targets");
+    }
+    p.extend(own.0.into_iter().map(|(f, m)| (format!("target.{f}"), m)).collect());
+    target
+}
+
+/// `POST /schedules` and `PATCH /schedules/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct ScheduleBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    target: Field<Value>,
+    #[serde(default)]
+    cron: Field<String>,
+    #[serde(default)]
+    timezone: Field<String>,
+    #[serde(default)]
+    enabled: Field<bool>,
+    #[serde(default)]
+    misfire: Field<Misfire>,
+    #[serde(default)]
+    overlap: Field<Overlap>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+const SCHEDULE_FIELDS: &[&str] = &["name", "target", "cron", "timezone", "enabled", "misfire", "overlap"];
+
+fn cron(value: String, p: &mut Problems) -> Option<CronExpr> {
+    CronExpr::parse(&value).map_err(|e| p.add("cron", e)).ok()
+}
+
+fn timezone(value: String, p: &mut Problems) -> Option<String> {
+    let value = p.take(validation::text("timezone", &value, 64))?;
+    parse_tz(&value).map_err(|e| p.add("timezone", e)).ok().map(|_| value)
+}
+
+impl TryFrom<ScheduleBody> for NewSchedule {
+    type Error = CoreError;
+    fn try_from(b: ScheduleBody) -> CoreResult<NewSchedule> {
+        let mut p = Problems::new();
+        b.unknown.check(SCHEDULE_FIELDS, &mut p);
+        let name = b.name.required("name", &mut p, "").and_then(|s| p.take(validation::text("name", &s, 200)));
+        let cron = b.cron.required("cron", &mut p, "").and_then(|c| cron(c, &mut p));
+        let timezone =
+            b.timezone.optional("timezone", &mut p).map_or(Some("UTC".to_string()), |tz| timezone(tz, &mut p));
+        let target = b
+            .target
+            .required("target", &mut p, "{kind: module|workflow|campaign, id, params?, device?}")
+            .and_then(|t| target(t, &mut p));
+        let enabled = b.enabled.optional("enabled", &mut p).unwrap_or(true);
+        let misfire = b.misfire.optional("misfire", &mut p).unwrap_or(Misfire::Skip);
+        let overlap = b.overlap.optional("overlap", &mut p).unwrap_or(Overlap::Allow);
+        p.finish()?;
+        let (Some(name), Some(cron), Some(timezone), Some(target)) = (name, cron, timezone, target) else {
+            return Err(unchecked("a schedule"));
+        };
+        Ok(NewSchedule { name, target, cron, timezone, enabled, misfire, overlap })
+    }
+}
+
+impl TryFrom<ScheduleBody> for SchedulePatch {
+    type Error = CoreError;
+    fn try_from(b: ScheduleBody) -> CoreResult<SchedulePatch> {
+        let mut p = Problems::new();
+        b.unknown.check(SCHEDULE_FIELDS, &mut p);
+        let patch = SchedulePatch {
+            name: b.name.patch("name", &mut p).and_then(|s| p.take(validation::text("name", &s, 200))),
+            target: b.target.patch("target", &mut p).and_then(|t| target(t, &mut p)),
+            cron: b.cron.patch("cron", &mut p).and_then(|c| cron(c, &mut p)),
+            timezone: b.timezone.patch("timezone", &mut p).and_then(|tz| timezone(tz, &mut p)),
+            enabled: b.enabled.patch("enabled", &mut p),
+            misfire: b.misfire.patch("misfire", &mut p),
+            overlap: b.overlap.patch("overlap", &mut p),
+        };
+        p.finish()?;
+        Ok(patch)
+    }
+}

@@ -1,0 +1,163 @@
+//! Creating runs: one statement inserts the run and its `run.queued` event, and a
+//! dispatch is recorded only after a push to the queue succeeded.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool, types::Json};
+
+use crate::{
+    CoreResult,
+    definition::RunDefinition,
+    events::EventKind,
+    ids::{RunId, ScheduleId},
+    model::{Run, RunKind, RunStatus, Trigger},
+    repo::{events, runs::RunRow},
+    selector::Selector,
+};
+
+/// A run to create, already validated.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// What it executes.
+    pub definition: RunDefinition,
+    /// Module id, or workflow / campaign id.
+    pub target: String,
+    /// The parameters it was started with.
+    pub params: Value,
+    /// Which devices it may use (none for a campaign run).
+    pub selector: Option<Selector>,
+    /// 0 to 9, higher first.
+    pub priority: i16,
+    /// Its time budget (seconds).
+    pub timeout_s: i32,
+    /// Attempts before infrastructure errors make it `errored`.
+    pub max_attempts: i32,
+    /// Its own queue-wait limit (seconds), if any.
+    pub max_queue_wait_s: Option<i32>,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The schedule that started it.
+    pub schedule_id: Option<ScheduleId>,
+    /// The tick it was started for.
+    pub scheduled_for: Option<DateTime<Utc>>,
+    /// Its campaign run.
+    pub parent_run_id: Option<RunId>,
+    /// The run it retries.
+    pub retry_of: Option<RunId>,
+    /// The client's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// A campaign child waits held until its campaign admits it.
+    pub held: bool,
+    /// Its item's position in its campaign.
+    pub parent_index: Option<i32>,
+}
+
+impl NewRun {
+    /// A run of `definition` with the defaults every trigger shares.
+    pub fn new(definition: RunDefinition, target: String, params: Value, selector: Option<Selector>) -> NewRun {
+        NewRun {
+            definition,
+            target,
+            params,
+            selector,
+            priority: 5,
+            timeout_s: 3600,
+            max_attempts: 3,
+            max_queue_wait_s: None,
+            trigger: Trigger::Api,
+            schedule_id: None,
+            scheduled_for: None,
+            parent_run_id: None,
+            retry_of: None,
+            idempotency_key: None,
+            held: false,
+            parent_index: None,
+        }
+    }
+
+    /// The kind of run (from its definition).
+    pub fn kind(&self) -> RunKind {
+        self.definition.kind()
+    }
+}
+
+/// Inserts a queued run and its `run.queued` event, atomically. With an idempotency key
+/// already used, returns the first run and `false`.
+pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
+    let mut conn = pool.acquire().await?;
+    match insert_tx(&mut conn, new, RunStatus::Queued).await? {
+        Some(run) => Ok((run, true)),
+        None => {
+            let key = new.idempotency_key.as_deref().unwrap_or("");
+            Ok((super::by_idempotency_key(pool, key).await?, false))
+        }
+    }
+}
+
+/// Inserts a run and its `run.queued` event in one statement (atomic without a
+/// transaction block, one round trip on the enqueue path), plus `run.started` for a
+/// campaign run created running, on the caller's connection or transaction. `None`
+/// when the idempotency key is taken (then nothing is written).
+pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus) -> CoreResult<Option<Run>> {
+    let selector = new.selector.as_ref().map(Selector::to_json);
+    let queued = json!({"kind": new.kind(), "target": new.target, "priority": new.priority, "trigger": new.trigger,
+        "attempt": 1, "selector": selector, "parent_run_id": new.parent_run_id,
+        "scheduled_for": new.scheduled_for, "retry_of": new.retry_of});
+    let row = sqlx::query_as!(
+        RunRow,
+        "WITH r AS (
+            INSERT INTO runs (id, kind, target, definition, params, selector, priority, timeout_s, max_attempts,
+                max_queue_wait_s, trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key, held,
+                parent_index, status, started_at, queued_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+                    CASE WHEN $19 = 'running'::run_status THEN now() END, clock_timestamp())
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING *),
+         e AS (INSERT INTO events (type, run_id, schedule_id, data) SELECT $20, r.id, r.schedule_id, $21 FROM r)
+         SELECT * FROM r",
+        RunId::random() as RunId,
+        new.kind() as RunKind,
+        new.target,
+        Json(&new.definition) as _,
+        new.params,
+        selector,
+        new.priority,
+        new.timeout_s,
+        new.max_attempts,
+        new.max_queue_wait_s,
+        new.trigger as Trigger,
+        new.schedule_id as Option<ScheduleId>,
+        new.scheduled_for,
+        new.parent_run_id as Option<RunId>,
+        new.retry_of as Option<RunId>,
+        new.idempotency_key,
+        new.held,
+        new.parent_index,
+        status as RunStatus,
+        EventKind::RunQueued as EventKind,
+        queued,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(run) = row.map(Run::from) else { return Ok(None) };
+    if status == RunStatus::Running {
+        let subject = crate::events::Subject { run_id: Some(run.id), schedule_id: run.schedule_id, device_id: None };
+        events::append(conn, EventKind::RunStarted, subject, json!({"attempt": run.attempt})).await?;
+    }
+    Ok(Some(run))
+}
+
+/// Records that runs were pushed to the queue (call only after the push succeeded).
+/// Rows are locked in id order, so two recorders never deadlock on each other.
+pub async fn mark_dispatched(pool: &PgPool, ids: &[RunId]) -> CoreResult<()> {
+    sqlx::query!(
+        "WITH locked AS (SELECT id FROM runs WHERE id = ANY ($1) ORDER BY id FOR UPDATE)
+         UPDATE runs r SET dispatched_at = CASE WHEN r.status = 'queued' THEN now() ELSE r.dispatched_at END,
+                enqueued_at = COALESCE(r.enqueued_at, clock_timestamp())
+         FROM locked WHERE r.id = locked.id",
+        ids as &[RunId]
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! The worker's side of a run: claim (run and device in one transaction), renew the
+//! lease, record steps, and finish, each fenced by the attempt number.
+//!
+//! Waiting without lost wake-ups: a claimer that finds no device commits, then checks
+//! again whether a matching device is free (and retries); a releaser commits the
+//! release, then looks for the best waiting run (`claim_for_device`). Each side
+//! publishes its state before it looks at the other's, so one of them always sees the
+//! other.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+
+use crate::{
+    CoreResult, breaker,
+    definition::{RunDefinition, from_stored},
+    events::{EventKind, Subject},
+    ids::{DeviceId, RunId},
+    lifecycle::{self, Abandon, Command, Decision, Ending, RunState},
+    model::{Device, Run, RunStatus, RunStep},
+    repo::{
+        devices::{self, BreakerPolicy},
+        events,
+        runs::transitions::{self, Locked, RequeueReason},
+    },
+    run_error::{ErrorKind, RunError},
+    selector::Selector,
+};
+
+/// A run this worker now holds, with its device.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The run (its definition read and typed).
+    pub run: Run,
+    /// The leased device.
+    pub device: Device,
+    /// The fencing token: every later write must carry it.
+    pub attempt: i32,
+    /// True when this run is the half-open probe of the device's breaker.
+    pub probe: bool,
+}
+
+impl Claimed {
+    /// Whether executing the run talks to the device.
+    pub fn touches_device(&self) -> bool {
+        self.run.definition.touches_device()
+    }
+}
+
+/// What a delivery found.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    /// Claimed: execute it.
+    Claimed(Box<Claimed>),
+    /// Queued, but no matching device is free: left queued, holding nothing.
+    NoDevice,
+    /// Queued with a `not_before` in the future (a retry backing off).
+    NotYet(DateTime<Utc>),
+    /// Someone else holds it, or it is no longer claimable: nothing to do.
+    NotClaimable,
+    /// Its stored snapshot or selector is unreadable: it was ended `errored`.
+    Unreadable(RunError),
+}
+
+/// A run locked for claiming, with its stored selector and snapshot still raw.
+struct Candidate {
+    locked: Locked,
+    due: bool,
+    not_before: Option<DateTime<Utc>>,
+    selector: Option<Value>,
+    definition: Value,
+}
+
+async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Candidate>> {
+    // Wait for the row rather than SKIP LOCKED: every other writer of a run row (the
+    // API recording its dispatch, a cancel, another claimer) holds it for a moment,
+    // and skipping would drop this delivery while the run stays queued.
+    let row = sqlx::query!(
+        r#"SELECT id, status, kind, attempt, max_attempts, paused, cancel_requested, held, device_id, lease_owner,
+                  not_before, (not_before IS NULL OR not_before <= now()) AS "due!",
+                  selector AS "selector: Value", definition AS "definition: Value"
+           FROM runs WHERE id = $1 FOR UPDATE"#,
+        id as RunId
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| Candidate {
+        locked: Locked {
+            id: r.id,
+            state: RunState {
+                status: r.status,
+                kind: r.kind,
+                attempt: r.attempt,
+                max_attempts: r.max_attempts,
+                paused: r.paused,
+                cancel_requested: r.cancel_requested,
+                held: r.held,
+            },
+            device_id: r.device_id,
+            lease_owner: r.lease_owner,
+        },
+        due: r.due,
+        not_before: r.not_before,
+        selector: r.selector,
+        definition: r.definition,
+    }))
+}
+
+/// Reads a candidate's stored selector and snapshot. Either one unreadable is an
+/// error naming it, never "any device" or "no steps".
+fn readable(c: &Candidate) -> Result<(Selector, RunDefinition), RunError> {
+    let unreadable = |what: &str, e: String| {
+        RunError::new(ErrorKind::Unreadable, format!("the run's stored {what} is unreadable: {e}"))
+    };
+    let selector = match &c.selector {
+        None => return Err(unreadable("selector", "it has none".into())),
+        Some(v) => from_stored::<Selector>(v.clone()).map_err(|e| unreadable("selector", e))?,
+    };
+    let definition = from_stored::<RunDefinition>(c.definition.clone()).map_err(|e| unreadable("definition", e))?;
+    if definition.kind() != c.locked.state.kind {
+        return Err(unreadable(
+            "definition",
+            format!("it is a {} snapshot on a {} run", definition.kind(), c.locked.state.kind),
+        ));
+    }
+    Ok((selector, definition))
+}
+
+/// Claims a queued run and a free matching device, in one transaction.
+pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
+    let mut tx = pool.begin().await?;
+    let Some(c) = lock_candidate(&mut tx, run).await? else { return Ok(ClaimOutcome::NotClaimable) };
+    match lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) {
+        Decision::Start => {}
+        Decision::NotYet => return Ok(ClaimOutcome::NotYet(c.not_before.unwrap_or_else(Utc::now))),
+        _ => return Ok(ClaimOutcome::NotClaimable),
+    }
+    let (selector, definition) = match readable(&c) {
+        Ok(parts) => parts,
+        Err(error) => return abandon_unreadable(tx, &c, error).await,
+    };
+    let Some(device) = devices::pick_claimable(&mut tx, &selector).await? else {
+        tx.commit().await?;
+        return Ok(ClaimOutcome::NoDevice);
+    };
+    let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;
+    tx.commit().await?;
+    Ok(ClaimOutcome::Claimed(Box::new(claimed)))
+}
+
+async fn abandon_unreadable(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    c: &Candidate,
+    error: RunError,
+) -> CoreResult<ClaimOutcome> {
+    tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
+    if lifecycle::decide(c.locked.state, Command::Abandon(Abandon::Unreadable)) == Decision::End(RunStatus::Errored) {
+        transitions::end(&mut tx, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
+    }
+    tx.commit().await?;
+    Ok(ClaimOutcome::Unreadable(error))
+}
+
+/// `claim`, and when no device was free, looks once more after committing (a device
+/// released meanwhile may have missed this run while we held its row).
+pub async fn claim_with_recheck(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
+    let mut outcome = claim(pool, run, owner, ttl).await?;
+    for _ in 0..3 {
+        if !matches!(outcome, ClaimOutcome::NoDevice) {
+            break;
+        }
+        let mut conn = pool.acquire().await?;
+        let waiting = super::find(&mut conn, run).await?.filter(|r| r.status == RunStatus::Queued);
+        let Some(selector) = waiting.and_then(|r| r.selector) else { break };
+        if !devices::any_claimable(&mut conn, &selector).await? {
+            break;
+        }
+        drop(conn);
+        outcome = claim(pool, run, owner, ttl).await?;
+    }
+    Ok(outcome)
+}
+
+/// After a device is released: the best queued run it can serve (priority, then age),
+/// claimed with that device.
+pub async fn claim_for_device(
+    pool: &PgPool,
+    device: DeviceId,
+    owner: &str,
+    ttl: Duration,
+) -> CoreResult<Option<Claimed>> {
+    let mut tx = pool.begin().await?;
+    if !devices::lock_if_claimable(&mut tx, device).await? {
+        return Ok(None);
+    }
+    loop {
+        let next = sqlx::query_scalar!(
+            "SELECT r.id FROM runs r, devices d
+             WHERE d.id = $1 AND r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND NOT r.paused
+               AND (r.not_before IS NULL OR r.not_before <= now()) AND r.selector IS NOT NULL
+               AND selector_matches(r.selector, d)
+             ORDER BY r.priority DESC, r.queued_at, r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+            device as DeviceId
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(run) = next else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let Some(c) = lock_candidate(&mut tx, run).await? else { continue };
+        match readable(&c) {
+            Ok((_, definition)) => {
+                let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;
+                tx.commit().await?;
+                return Ok(Some(claimed));
+            }
+            Err(error) => {
+                transitions::end(&mut tx, &[run], RunStatus::Errored, None, Some(&error)).await?;
+            }
+        }
+    }
+}
+
+/// Leases the (locked, claimable) device and starts the (locked, queued) run.
+async fn assign(
+    conn: &mut PgConnection,
+    run: RunId,
+    device: DeviceId,
+    owner: &str,
+    ttl: Duration,
+    touches: bool,
+) -> CoreResult<Claimed> {
+    let (device, probe) = devices::lease(conn, device, run, owner, ttl, touches).await?;
+    let started = json!({"device_id": device.id, "serial": device.serial, "worker": owner, "probe": probe});
+    let run = transitions::start(conn, run, device.id, owner, ttl, started).await?;
+    Ok(Claimed { attempt: run.attempt, run, device, probe })
+}
+
+/// Result of a lease renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours; what was requested meanwhile.
+    Held {
+        /// The run was cancelled: stop.
+        cancel_requested: bool,
+        /// The workflow is paused: wait before the next step.
+        paused: bool,
+    },
+    /// The run is no longer ours (recovered, cancelled, finished): stop working on it.
+    Lost,
+}
+
+/// Extends the run's and the device's leases, if `owner` still holds attempt `attempt`.
+pub async fn renew(pool: &PgPool, run: RunId, attempt: i32, owner: &str, ttl: Duration) -> CoreResult<Renewal> {
+    let mut tx = pool.begin().await?;
+    // The WHERE clause is the fence: a row comes back only while we hold the lease.
+    let row = sqlx::query!(
+        "UPDATE runs SET lease_expires_at = now() + make_interval(secs => $4)
+         WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3
+         RETURNING status, kind, attempt, max_attempts, paused, cancel_requested, held",
+        run as RunId,
+        attempt,
+        owner,
+        ttl.as_secs_f64(),
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(r) = row else { return Ok(Renewal::Lost) };
+    devices::renew_lease(&mut tx, run, owner, ttl).await?;
+    tx.commit().await?;
+    let state = RunState {
+        status: r.status,
+        kind: r.kind,
+        attempt: r.attempt,
+        max_attempts: r.max_attempts,
+        paused: r.paused,
+        cancel_requested: r.cancel_requested,
+        held: r.held,
+    };
+    Ok(match lifecycle::decide(state, Command::Renew { holds: true }) {
+        Decision::Hold { cancel_requested, paused } => Renewal::Held { cancel_requested, paused },
+        _ => Renewal::Lost,
+    })
+}
+
+/// Records a workflow step's progress (and its `run.step` event), only while `owner`
+/// still holds attempt `attempt` of the run. `Ok(false)`: the run is no longer ours.
+pub async fn record_step(pool: &PgPool, claimed: &Claimed, owner: &str, step: &RunStep) -> CoreResult<bool> {
+    let mut tx = pool.begin().await?;
+    let held = transitions::lock(&mut tx, claimed.run.id).await?.is_some_and(|l| l.held_by(owner, claimed.attempt));
+    if !held {
+        return Ok(false);
+    }
+    transitions::write_step(&mut tx, claimed.run.id, step).await?;
+    let data = json!({"index": step.index, "module": step.module, "status": step.status, "attempt": step.attempt,
+                      "result": step.result, "error": step.error});
+    events::append(&mut tx, EventKind::RunStep, Subject::run(claimed.run.id, Some(claimed.device.id)), data).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How an attempt ended, with what to record.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The ending, for the lifecycle.
+    pub ending: Ending,
+    /// The run's result (verdicts).
+    pub result: Option<Value>,
+    /// The run's error (everything else).
+    pub error: Option<RunError>,
+    /// Whether the part of the run that decided the ending talked to the device.
+    pub touched_device: bool,
+}
+
+/// What `finish` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    /// The run ended in this status.
+    Ended(RunStatus),
+    /// The run went back to the queue, to be delivered at `not_before` (at once when
+    /// `None`: a hand-back).
+    Requeued {
+        /// When its next attempt may start.
+        not_before: Option<DateTime<Utc>>,
+    },
+    /// This worker no longer holds the run (fencing): nothing was changed.
+    Refused,
+}
+
+/// Retry and breaker settings a finishing worker applies.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishPolicy {
+    /// The device's breaker.
+    pub breaker: BreakerPolicy,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+/// Writes an attempt's outcome, its steps and events, releases the device and updates
+/// its breaker, in one transaction, only if `owner` still holds attempt `attempt`.
+pub async fn finish(
+    pool: &PgPool,
+    claimed: &Claimed,
+    owner: &str,
+    outcome: &Outcome,
+    steps: &[RunStep],
+    policy: FinishPolicy,
+) -> CoreResult<Finished> {
+    let run = claimed.run.id;
+    let mut tx = pool.begin().await?;
+    let Some(locked) = transitions::lock(&mut tx, run).await? else { return Ok(Finished::Refused) };
+    let holds = locked.held_by(owner, claimed.attempt);
+    let finished = match lifecycle::decide(locked.state, Command::Finish { holds, ending: outcome.ending }) {
+        Decision::Requeue { spend_attempt, backoff } => {
+            let delay =
+                backoff.then(|| crate::retry::delay_after(claimed.attempt, policy.retry_base, policy.retry_max));
+            let reason = if spend_attempt { RequeueReason::Retry } else { RequeueReason::HandedBack };
+            let error =
+                outcome.error.clone().unwrap_or_else(|| RunError::new(ErrorKind::Interrupted, "the attempt ended"));
+            let not_before = transitions::requeue(&mut tx, run, spend_attempt, delay, &error, reason).await?;
+            Finished::Requeued { not_before }
+        }
+        Decision::End(status) => {
+            transitions::end(&mut tx, &[run], status, outcome.result.as_ref(), outcome.error.as_ref()).await?;
+            Finished::Ended(status)
+        }
+        _ => {
+            tx.rollback().await?;
+            refuse(pool, claimed, owner, outcome).await?;
+            return Ok(Finished::Refused);
+        }
+    };
+    for step in steps {
+        transitions::write_step(&mut tx, run, step).await?;
+    }
+    let effect = breaker::effect(outcome.ending, outcome.touched_device, outcome.error.as_ref().map(|e| e.kind));
+    devices::release(&mut tx, claimed.device.id, run, owner, effect, policy.breaker).await?;
+    tx.commit().await?;
+    Ok(finished)
+}
+
+/// Records a refused late write (a zombie worker): logged and kept as an event.
+async fn refuse(pool: &PgPool, claimed: &Claimed, owner: &str, outcome: &Outcome) -> CoreResult<()> {
+    tracing::warn!(run_id = %claimed.run.id, attempt = claimed.attempt, owner, ending = ?outcome.ending,
+        "late write refused: this worker no longer holds the run");
+    let mut conn = pool.acquire().await?;
+    let data = json!({"attempt": claimed.attempt, "worker": owner, "wanted": format!("{:?}", outcome.ending)});
+    events::append(
+        &mut conn,
+        EventKind::RunLateWriteRefused,
+        Subject::run(claimed.run.id, Some(claimed.device.id)),
+        data,
+    )
+    .await?;
+    Ok(())
+}

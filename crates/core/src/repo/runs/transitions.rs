@@ -1,0 +1,231 @@
+//! The one SQL writer per kind of lifecycle change. `lifecycle::decide` says which
+//! change a run gets; these carry it out, each run write and its event in one
+//! statement, always in the transaction that locked the row.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, types::Json};
+
+use crate::{
+    CoreResult,
+    events::{EventKind, Subject},
+    ids::{DeviceId, RunId},
+    lifecycle::RunState,
+    model::{Run, RunStatus, RunStep, StepStatus},
+    repo::{events, runs::RunRow},
+    run_error::RunError,
+};
+
+/// A run row locked `FOR UPDATE`, with what the lifecycle and the writers need.
+#[derive(Debug, Clone)]
+pub(crate) struct Locked {
+    pub id: RunId,
+    pub state: RunState,
+    pub device_id: Option<DeviceId>,
+    pub lease_owner: Option<String>,
+}
+
+impl Locked {
+    /// Whether `owner` holds attempt `attempt` of the run (the fencing token).
+    pub fn held_by(&self, owner: &str, attempt: i32) -> bool {
+        self.state.status == RunStatus::Running
+            && self.state.attempt == attempt
+            && self.lease_owner.as_deref() == Some(owner)
+    }
+}
+
+/// Locks a run for a decision; `None` if it does not exist.
+pub(crate) async fn lock(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Locked>> {
+    let row = sqlx::query!(
+        "SELECT id, status, kind, attempt, max_attempts, paused, cancel_requested, held, device_id, lease_owner
+         FROM runs WHERE id = $1 FOR UPDATE",
+        id as RunId
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| Locked {
+        id: r.id,
+        state: RunState {
+            status: r.status,
+            kind: r.kind,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            paused: r.paused,
+            cancel_requested: r.cancel_requested,
+            held: r.held,
+        },
+        device_id: r.device_id,
+        lease_owner: r.lease_owner,
+    }))
+}
+
+/// `queued → running` on `device` under `owner`'s lease, with `run.started`.
+pub(crate) async fn start(
+    conn: &mut PgConnection,
+    id: RunId,
+    device: DeviceId,
+    owner: &str,
+    ttl: Duration,
+    started: Value,
+) -> CoreResult<Run> {
+    let row = sqlx::query_as!(
+        RunRow,
+        "WITH r AS (
+            UPDATE runs SET status = 'running', device_id = $2, lease_owner = $3,
+                lease_expires_at = now() + make_interval(secs => $4), started_at = now(), finished_at = NULL,
+                not_before = NULL, updated_at = now()
+            WHERE id = $1 AND status = 'queued' RETURNING *),
+         e AS (INSERT INTO events (type, run_id, device_id, data)
+               SELECT $5, r.id, r.device_id, $6 || jsonb_build_object('attempt', r.attempt) FROM r)
+         SELECT * FROM r",
+        id as RunId,
+        device as DeviceId,
+        owner,
+        ttl.as_secs_f64(),
+        EventKind::RunStarted as EventKind,
+        started,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.into())
+}
+
+/// Why a run went back to the queue (`run.requeued`'s `reason`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RequeueReason {
+    Retry,
+    HandedBack,
+    LeaseExpired,
+}
+
+impl RequeueReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::Retry => "retry",
+            RequeueReason::HandedBack => "handed_back",
+            RequeueReason::LeaseExpired => "lease_expired",
+        }
+    }
+}
+
+/// `running → queued` with `attempt + 1` and the lease cleared, `paused` kept. A
+/// hand-back (`spend_attempt: false`) grows `max_attempts` too. `delay` sets
+/// `not_before` from Postgres' clock, the clock every comparison uses; it is returned.
+pub(crate) async fn requeue(
+    conn: &mut PgConnection,
+    id: RunId,
+    spend_attempt: bool,
+    delay: Option<Duration>,
+    error: &RunError,
+    reason: RequeueReason,
+) -> CoreResult<Option<DateTime<Utc>>> {
+    let not_before = sqlx::query_scalar!(
+        r#"WITH r AS (
+            UPDATE runs SET status = 'queued', attempt = attempt + 1,
+                max_attempts = max_attempts + CASE WHEN $2 THEN 0 ELSE 1 END,
+                lease_owner = NULL, lease_expires_at = NULL, finished_at = clock_timestamp(), dispatched_at = NULL,
+                not_before = CASE WHEN $3::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $3) END,
+                error = $4, updated_at = now()
+            WHERE id = $1 AND status = 'running'
+            RETURNING id, attempt, device_id, not_before)
+           INSERT INTO events (type, run_id, device_id, data)
+           SELECT $5, r.id, r.device_id, jsonb_build_object('attempt', r.attempt - 1, 'next_attempt', r.attempt,
+                  'error', $4::jsonb, 'not_before', r.not_before, 'device_id', r.device_id, 'reason', $6::text)
+           FROM r RETURNING (data ->> 'not_before')::timestamptz AS "not_before""#,
+        id as RunId,
+        spend_attempt,
+        delay.map(|d| d.as_secs_f64()),
+        Json(error) as _,
+        EventKind::RunRequeued as EventKind,
+        reason.as_str(),
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(not_before.flatten())
+}
+
+/// Ends runs in a terminal `status` (written once: only queued or running runs
+/// change), each with its `run.finished` event. Returns the runs it ended.
+pub(crate) async fn end(
+    conn: &mut PgConnection,
+    ids: &[RunId],
+    status: RunStatus,
+    result: Option<&Value>,
+    error: Option<&RunError>,
+) -> CoreResult<Vec<RunId>> {
+    let ended = sqlx::query_scalar!(
+        r#"WITH r AS (
+            UPDATE runs SET status = $2, result = $3, error = $4, finished_at = clock_timestamp(),
+                lease_owner = NULL, lease_expires_at = NULL, paused = false, held = false, not_before = NULL,
+                cancel_requested = cancel_requested OR $2 = 'cancelled'::run_status, updated_at = now()
+            WHERE id = ANY ($1) AND status IN ('queued', 'running')
+            RETURNING id, attempt, device_id, started_at, finished_at)
+           INSERT INTO events (type, run_id, device_id, data)
+           SELECT $5, r.id, r.device_id, jsonb_build_object('status', $2::run_status, 'attempt', r.attempt,
+                  'device_id', r.device_id, 'result', $3::jsonb, 'error', $4::jsonb,
+                  'duration_ms', (extract(epoch FROM r.finished_at - r.started_at) * 1000)::bigint)
+           FROM r RETURNING run_id AS "id!: RunId""#,
+        ids as &[RunId],
+        status as RunStatus,
+        result,
+        error.map(Json) as _,
+        EventKind::RunFinished as EventKind,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(ended)
+}
+
+/// Asks the holders of running runs to stop (`cancel_requested`, `run.cancel_requested`).
+pub(crate) async fn request_cancel(conn: &mut PgConnection, ids: &[RunId], reason: &str) -> CoreResult<Vec<RunId>> {
+    Ok(sqlx::query_scalar!(
+        r#"WITH r AS (
+            UPDATE runs SET cancel_requested = true, updated_at = now()
+            WHERE id = ANY ($1) AND status = 'running' AND NOT cancel_requested
+            RETURNING id, attempt, device_id)
+           INSERT INTO events (type, run_id, device_id, data)
+           SELECT $2, r.id, r.device_id, jsonb_build_object('attempt', r.attempt, 'reason', $3::text) FROM r
+           RETURNING run_id AS "id!: RunId""#,
+        ids as &[RunId],
+        EventKind::RunCancelRequested as EventKind,
+        reason,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Sets a workflow's `paused` flag, with `run.paused` or `run.resumed`.
+pub(crate) async fn set_paused(conn: &mut PgConnection, run: &Locked, paused: bool) -> CoreResult<()> {
+    sqlx::query!("UPDATE runs SET paused = $2, updated_at = now() WHERE id = $1", run.id as RunId, paused)
+        .execute(&mut *conn)
+        .await?;
+    let kind = if paused { EventKind::RunPaused } else { EventKind::RunResumed };
+    events::append(conn, kind, Subject::run(run.id, run.device_id), json!({})).await?;
+    Ok(())
+}
+
+/// Writes (or rewrites) a step record.
+pub(crate) async fn write_step(conn: &mut PgConnection, run: RunId, s: &RunStep) -> CoreResult<()> {
+    sqlx::query!(
+        "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at, result, error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (run_id, idx) DO UPDATE SET module = EXCLUDED.module, params = EXCLUDED.params,
+            status = EXCLUDED.status, attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
+            finished_at = EXCLUDED.finished_at, result = EXCLUDED.result, error = EXCLUDED.error",
+        run as RunId,
+        s.index,
+        s.module,
+        s.params,
+        s.status as StepStatus,
+        s.attempt,
+        s.started_at,
+        s.finished_at,
+        s.result,
+        s.error.as_ref().map(Json) as _,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

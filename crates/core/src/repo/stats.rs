@@ -1,0 +1,118 @@
+//! Figures read across tables for `/api/v1/system/info` and `/metrics`. They come
+//! from Postgres, the record every process shares, so any API replica reports the
+//! whole deployment.
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::{
+    CoreResult,
+    model::{DeviceStatus, RunKind, RunStatus},
+};
+
+/// Runs waiting and running now.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueCounts {
+    /// Queued runs that may be delivered.
+    pub queued: i64,
+    /// Queued runs backing off before a retry.
+    pub waiting_for_retry: i64,
+    /// Campaign children not yet admitted.
+    pub held_by_campaigns: i64,
+    /// Runs executing on devices.
+    pub running: i64,
+}
+
+/// Counts of waiting and running runs.
+pub async fn queue_counts(pool: &PgPool) -> CoreResult<QueueCounts> {
+    let r = sqlx::query!(
+        r#"SELECT
+            count(*) FILTER (WHERE status = 'queued' AND NOT held AND kind <> 'campaign') AS "queued!",
+            count(*) FILTER (WHERE status = 'queued' AND not_before > now()) AS "waiting_for_retry!",
+            count(*) FILTER (WHERE status = 'queued' AND held) AS "held!",
+            count(*) FILTER (WHERE status = 'running' AND kind <> 'campaign') AS "running!"
+           FROM runs WHERE status IN ('queued', 'running')"#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(QueueCounts {
+        queued: r.queued,
+        waiting_for_retry: r.waiting_for_retry,
+        held_by_campaigns: r.held,
+        running: r.running,
+    })
+}
+
+/// Runs of one kind in one status.
+#[derive(Debug, Clone)]
+pub struct RunCount {
+    /// The kind.
+    pub kind: RunKind,
+    /// The status.
+    pub status: RunStatus,
+    /// How many.
+    pub n: i64,
+}
+
+/// Runs by kind and status.
+pub async fn runs_by_status(pool: &PgPool) -> CoreResult<Vec<RunCount>> {
+    Ok(sqlx::query_as!(
+        RunCount,
+        r#"SELECT kind, status, count(*) AS "n!" FROM runs GROUP BY kind, status ORDER BY 1, 2"#
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Devices by status, and how many breakers are not closed.
+pub async fn devices_by_status(pool: &PgPool) -> CoreResult<(Vec<(DeviceStatus, i64)>, i64)> {
+    let rows = sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM devices GROUP BY status ORDER BY 1"#)
+        .fetch_all(pool)
+        .await?;
+    let open = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM devices WHERE breaker_state <> 'closed'"#)
+        .fetch_one(pool)
+        .await?;
+    Ok((rows.into_iter().map(|r| (r.status, r.n)).collect(), open))
+}
+
+/// A schedule's decisions.
+#[derive(Debug, Clone)]
+pub struct ScheduleTicks {
+    /// Its name.
+    pub name: String,
+    /// Ticks that started a run.
+    pub fired: i64,
+    /// Ticks skipped.
+    pub skipped: i64,
+    /// Ticks missed.
+    pub missed: i64,
+}
+
+/// Every schedule's decisions.
+pub async fn schedule_ticks(pool: &PgPool) -> CoreResult<Vec<ScheduleTicks>> {
+    Ok(sqlx::query_as!(
+        ScheduleTicks,
+        "SELECT name, fired_count AS fired, skipped_count AS skipped, missed_count AS missed FROM schedules ORDER BY name"
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Fire lag, from a tick's scheduled time to its run's first push, bucketed in
+/// Postgres (no rows leave the database): the count at or below each bound, the total
+/// count and the sum (seconds).
+pub async fn fire_lag(pool: &PgPool, bounds: &[f64]) -> CoreResult<(Vec<i64>, i64, f64)> {
+    let r = sqlx::query!(
+        r#"WITH lags AS MATERIALIZED (
+               SELECT extract(epoch FROM (enqueued_at - scheduled_for))::float8 AS lag FROM runs
+               WHERE trigger = 'schedule' AND scheduled_for IS NOT NULL AND enqueued_at IS NOT NULL)
+           SELECT array(SELECT (SELECT count(*) FROM lags WHERE lag <= b) FROM unnest($1::float8[]) WITH ORDINALITY AS u(b, i)
+                        ORDER BY i) AS "buckets!: Vec<i64>",
+                  (SELECT count(*) FROM lags) AS "n!",
+                  (SELECT COALESCE(sum(lag), 0) FROM lags)::float8 AS "total!""#,
+        bounds
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.buckets, r.n, r.total))
+}

@@ -1,0 +1,73 @@
+//! The reconciler's pass: recover runs whose worker died, end runs that waited past
+//! their queue-wait limit, move campaigns on (admissions a dead process left undone,
+//! timeouts), re-deliver what Redis lost, and prune dead processes. Every step is safe
+//! with several schedulers running.
+
+use std::time::Duration;
+
+use crate::{
+    CoreResult,
+    repo::{campaign_runs, processes, runs},
+    service::Engine,
+};
+
+/// The reconciler's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileSettings {
+    /// A queued run not delivered for this long is pushed again.
+    pub redispatch_after: Duration,
+    /// The queue-wait limit of runs that set none.
+    pub max_queue_wait: Duration,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reconciled {
+    /// Runs recovered from expired leases (requeued or ended).
+    pub recovered: usize,
+    /// Runs ended for waiting past their queue-wait limit.
+    pub overdue: usize,
+    /// Runs pushed to the queue.
+    pub pushed: usize,
+    /// Dead processes forgotten.
+    pub pruned: u64,
+}
+
+impl Engine {
+    /// One reconcile pass.
+    pub async fn reconcile(&self, settings: ReconcileSettings) -> CoreResult<Reconciled> {
+        let (mut push, ended) = runs::recover_expired(&self.pool, 500).await?;
+        let recovered = push.len() + ended.len();
+        if recovered > 0 {
+            tracing::warn!(
+                requeued = push.len(),
+                ended = ended.len(),
+                "recovered runs whose worker stopped renewing its lease"
+            );
+        }
+        let overdue = runs::abandon_overdue(&self.pool, settings.max_queue_wait, 500).await?;
+        if !overdue.is_empty() {
+            tracing::warn!(count = overdue.len(), "ended runs that waited past their queue-wait limit");
+        }
+        push.extend(runs::due_for_dispatch(&self.pool, settings.redispatch_after, 1000).await?);
+        // Campaigns whose advancing process died between a child's end and the next
+        // admission are moved on here, and so are campaigns past their time budget.
+        for parent in campaign_runs::running(&self.pool, 1000).await? {
+            match campaign_runs::advance(&self.pool, parent).await {
+                Ok(a) => {
+                    push.extend(a.admit);
+                    self.signal(&a.signal).await;
+                }
+                // One campaign's trouble must not stop the others from moving on.
+                Err(e) => tracing::warn!(campaign_run = %parent, error = %e, "could not advance a campaign"),
+            }
+        }
+        push.sort();
+        push.dedup();
+        for chunk in push.chunks(200) {
+            self.dispatch(chunk).await;
+        }
+        let pruned = processes::prune(&self.pool).await?;
+        Ok(Reconciled { recovered, overdue: overdue.len(), pushed: push.len(), pruned })
+    }
+}
