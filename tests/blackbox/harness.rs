@@ -180,6 +180,11 @@ async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Ve
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // `SB_TEST_KEEP=1` keeps a failed test's database and keys for a look.
+        if std::env::var("SB_TEST_KEEP").is_ok_and(|v| v == "1") && std::thread::panicking() {
+            eprintln!("kept database {} and Redis namespace {}", self.db, self.namespace);
+            return;
+        }
         let db = self.db.clone();
         let ns = self.namespace.clone();
         // Drop runs outside any runtime guarantee: clean up on a thread of our own.

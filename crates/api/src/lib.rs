@@ -73,12 +73,19 @@ pub fn router(state: AppState) -> Router {
         .route("/schedules/{id}/preview", get(schedules::preview))
         .route("/schedules/{id}/trigger", post(schedules::trigger))
         .route_layer(from_fn_with_state(state.clone(), middleware::require_token));
-    let mut app = Router::new()
+    let app = Router::new()
         .route("/health", get(health::live))
         .route("/health/full", get(health::full))
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::prometheus))
-        .nest("/api/v1", v1)
+        .nest("/api/v1", v1);
+    with_layers(app, state)
+}
+
+/// The fallbacks and middleware every route gets: 404 and 405 envelopes, the body
+/// limit, CORS, the panic guard, and the request context (id, timeout, envelopes).
+pub fn with_layers(app: Router<AppState>, state: AppState) -> Router {
+    let mut app = app
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path")
@@ -168,4 +175,43 @@ pub async fn serve(
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("api stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn state() -> AppState {
+        let api = ApiConfig {
+            addr: "127.0.0.1:0".into(),
+            admin_token: None,
+            cors_origins: String::new(),
+            request_timeout_s: 5,
+            max_body_bytes: 1024,
+        };
+        // Lazy: nothing connects, and nothing here needs to.
+        let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();
+        let queue = Queue::new("redis://127.0.0.1:1", "test").unwrap();
+        AppState { engine: Engine::new(pool, queue), config: Arc::new(api), started_at: Instant::now() }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_the_500_envelope_with_the_request_id() {
+        async fn boom() -> &'static str {
+            panic!("boom")
+        }
+        let app = Router::new().route("/boom", get(boom));
+        let app = with_layers(app, state());
+        let req = Request::get("/boom").header("x-request-id", "req-42").body(Body::empty()).unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers()["x-request-id"], "req-42");
+        let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert_eq!(body["error"]["request_id"], "req-42");
+    }
 }

@@ -42,8 +42,17 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
             let resp = if is_ws {
                 next.run(req).await
             } else {
-                match tokio::time::timeout(timeout, next.run(req)).await {
-                    Ok(r) => r,
+                // The handler runs in a task of its own: at the timeout the client gets
+                // its 503 and the handler is left to finish, never cancelled halfway
+                // (a `begin()` cancelled mid-way leaves a pooled connection inside a
+                // transaction: see `switchboard_core::db::Detached`).
+                let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)));
+                match tokio::time::timeout(timeout, &mut handler).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "a request's task failed");
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+                    }
                     Err(_) => ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("request did not complete within {} s (a dependency may be unavailable)", timeout.as_secs()),

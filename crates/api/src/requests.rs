@@ -639,3 +639,88 @@ impl TryFrom<ScheduleBody> for SchedulePatch {
         Ok(patch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fields(e: CoreError) -> FieldErrors {
+        match e {
+            CoreError::Validation { fields, .. } => fields,
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn every_bad_device_field_is_named_at_once() {
+        let e = NewDevice::try_from(parse::<DeviceBody>(json!({"serial": "x", "driver": null}))).unwrap_err();
+        assert!(fields(e)["driver"].starts_with("is required"));
+        let body = json!({"serial": "x", "driver": "usb", "metadata": {"sim": {"error_rate": 2}}, "colour": 1});
+        let f = fields(NewDevice::try_from(parse::<DeviceBody>(body)).unwrap_err());
+        assert!(f["driver"].contains("unknown variant"), "{f:?}");
+        assert!(f.contains_key("metadata.sim.error_rate"));
+        assert!(f["colour"].starts_with("unknown field (expected one of serial"));
+        let f = fields(NewDevice::try_from(parse::<DeviceBody>(json!({"serial": 7, "driver": "sim"}))).unwrap_err());
+        assert_eq!(f["serial"], "must be a string (got integer `7`)");
+        let ok =
+            NewDevice::try_from(parse::<DeviceBody>(json!({"serial": "s1", "driver": "sim", "labels": ["b", "a"]})))
+                .unwrap();
+        assert_eq!(
+            (ok.name.as_str(), ok.labels.as_slice(), ok.pool.as_str()),
+            ("s1", &["a".to_string(), "b".to_string()][..], "default")
+        );
+    }
+
+    #[test]
+    fn campaign_items_name_their_index() {
+        let body = json!({"name": "c", "items": [
+            {"module": "ping", "device": {}},
+            {"module": "teleport", "device": {"pool": "p"}},
+            {"workflow_id": "nope", "device": {"pool": "p"}},
+            {"device": {"pool": "p"}},
+            {"module": "sleep", "params": {"ms": 5000.0}, "device": {"pool": "p"}},
+        ]});
+        let f = fields(CampaignInput::try_from(parse::<CampaignBody>(body)).unwrap_err());
+        assert!(f.contains_key("items[0].device"), "{f:?}");
+        assert!(f.contains_key("items[1].module"));
+        assert!(f.contains_key("items[2].workflow_id"));
+        assert_eq!(f["items[3]"], "needs a workflow_id or a module");
+        assert_eq!(f["items[4].params.ms"], "must be an integer (got a number)");
+        let ok = json!({"name": "c", "items": [{"module": "ping", "params": {"count": 1}, "device": {"pool": "lab"}}]});
+        let c = CampaignInput::try_from(parse::<CampaignBody>(ok)).unwrap();
+        assert_eq!((c.max_parallel, c.stop_on_failure), (DEFAULT_MAX_PARALLEL, false));
+    }
+
+    #[test]
+    fn schedule_targets_are_checked_by_kind() {
+        let body = json!({"name": "s", "cron": "61 * * * *", "timezone": "Mars/Olympus",
+            "target": {"kind": "campaign", "id": "nope", "device": {"pool": "p"}}});
+        let f = fields(NewSchedule::try_from(parse::<ScheduleBody>(body)).unwrap_err());
+        assert!(f["cron"].contains("minute 61 is out of range"), "{f:?}");
+        assert!(f["timezone"].contains("unknown time zone"));
+        assert_eq!(f["target.device"], "a campaign's items name their own devices");
+        assert!(f.contains_key("target.id"));
+        let body =
+            json!({"name": "s", "cron": "@daily", "target": {"kind": "module", "id": "sleep", "params": {"ms": 1}}});
+        let f = fields(NewSchedule::try_from(parse::<ScheduleBody>(body)).unwrap_err());
+        assert_eq!(f["target.device"], "is required for module and workflow targets");
+        let f = fields(SchedulePatch::try_from(parse::<ScheduleBody>(json!({"enabled": null}))).unwrap_err());
+        assert_eq!(f["enabled"], "cannot be null");
+    }
+
+    #[test]
+    fn start_options_are_bounded() {
+        let spec = catalog::find("sleep").unwrap();
+        let body = json!({"params": {"ms": 1}, "device": {"pool": "p"}, "priority": 12, "max_queue_wait_s": 0});
+        let start = Start { of: spec, body: parse::<ModuleRunBody>(body), idempotency_key: None };
+        let f = fields(StartModule::try_from(start).unwrap_err());
+        assert!(f["priority"].contains("between 0 and 9"));
+        assert!(f["max_queue_wait_s"].contains("between 1 and"));
+    }
+}

@@ -83,3 +83,39 @@ pub async fn ping(pool: &PgPool) -> CoreResult<std::time::Duration> {
 pub async fn migrate(pool: &PgPool) -> CoreResult<()> {
     MIGRATOR.run(pool).await.map_err(|e| CoreError::Internal(format!("migration failed: {e}")))
 }
+
+/// A database operation run in a task of its own, so that a caller's timeout or
+/// `select!` only stops *waiting* for it and never cancels it halfway.
+///
+/// Why: sqlx 0.9 leaves a pooled connection inside an open transaction when a
+/// `begin()` is cancelled while it waits for the server's answer (its rollback guard
+/// sees a transaction depth of 0 and queues nothing). The connection goes back to the
+/// pool, and the next caller's autocommit statements run inside that transaction and
+/// are never committed: a lost write that no error reports. Every caller that bounds a
+/// database call in time (lease renewals, writing an outcome, the API's request
+/// timeout) lets the call finish here instead.
+pub struct Detached<T> {
+    handle: tokio::task::JoinHandle<CoreResult<T>>,
+}
+
+impl<T: Send + 'static> Detached<T> {
+    /// Starts `operation` in its own task.
+    pub fn spawn(operation: impl std::future::Future<Output = CoreResult<T>> + Send + 'static) -> Detached<T> {
+        Detached { handle: tokio::spawn(operation) }
+    }
+
+    /// Waits for the result at most `limit`; `None` when it is still running (wait
+    /// again, or drop `self` to leave it running on its own).
+    pub async fn wait(&mut self, limit: Duration) -> Option<CoreResult<T>> {
+        match tokio::time::timeout(limit, &mut self.handle).await {
+            Ok(Ok(result)) => Some(result),
+            Ok(Err(e)) => Some(Err(CoreError::Internal(format!("a database task failed: {e}")))),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for the result until `deadline`; `None` when it is still running then.
+    pub async fn wait_until(&mut self, deadline: tokio::time::Instant) -> Option<CoreResult<T>> {
+        self.wait(deadline.saturating_duration_since(tokio::time::Instant::now())).await
+    }
+}

@@ -14,6 +14,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use switchboard_core::{
     CoreError, CoreResult, catalog,
+    db::Detached,
     definition::RunDefinition,
     ids::{DeviceId, RunId},
     lifecycle::Ending,
@@ -156,8 +157,9 @@ impl Executor {
 
     /// Writes the outcome. Postgres blinking (a dropped connection, a timeout) does not
     /// lose a verdict: the write is tried again with backoff while the lease is still
-    /// trusted (the heartbeat keeps renewing it meanwhile). Past the fencing deadline
-    /// it is tried once more and then left to the reconciler.
+    /// trusted (the heartbeat keeps renewing it meanwhile); a slow write is waited for,
+    /// never cancelled (see `Detached`). Past the fencing deadline it is left to the
+    /// reconciler.
     async fn finish(
         &self,
         claimed: &Claimed,
@@ -167,22 +169,35 @@ impl Executor {
     ) -> CoreResult<Finished> {
         let limit = (self.lease_ttl / 2).max(Duration::from_secs(1));
         let mut delay = Duration::from_millis(100);
+        let mut slow = None;
         loop {
-            let call = runs::finish(&self.pool, claimed, &self.owner, outcome, steps, self.policy);
-            let error = match tokio::time::timeout(limit, call).await {
-                Ok(Ok(finished)) => return Ok(finished),
-                Ok(Err(e)) if !e.is_transient() => return Err(e),
-                Ok(Err(e)) => e,
-                Err(_) => CoreError::Unavailable(format!("writing the outcome took longer than {limit:?}")),
+            let mut call = slow.take().unwrap_or_else(|| self.write(claimed, outcome, steps));
+            let error = match call.wait(limit).await {
+                Some(Ok(finished)) => return Ok(finished),
+                Some(Err(e)) if !e.is_transient() => return Err(e),
+                Some(Err(e)) => e,
+                None => {
+                    slow = Some(call);
+                    CoreError::Unavailable(format!("writing the outcome is taking longer than {limit:?}"))
+                }
             };
             if attempt.fenced() {
                 tracing::error!(error = %error, "could not write the outcome before the lease deadline; the reconciler will recover the run");
                 return Err(error);
             }
-            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "could not write the outcome; retrying while the lease holds");
-            tokio::time::sleep(delay.min(attempt.deadline().saturating_duration_since(Instant::now()))).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tracing::warn!(error = %error, "could not write the outcome yet; trying again while the lease holds");
+            if slow.is_none() {
+                tokio::time::sleep(delay.min(attempt.deadline().saturating_duration_since(Instant::now()))).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
         }
+    }
+
+    /// One write of the outcome, in a task of its own.
+    fn write(&self, claimed: &Claimed, outcome: &Outcome, steps: &[RunStep]) -> Detached<Finished> {
+        let (pool, owner, policy) = (self.pool.clone(), self.owner.clone(), self.policy);
+        let (claimed, outcome, steps) = (claimed.clone(), outcome.clone(), steps.to_vec());
+        Detached::spawn(async move { runs::finish(&pool, &claimed, &owner, &outcome, &steps, policy).await })
     }
 
     /// One module run: the module under the run's timeout, recorded as step 0.

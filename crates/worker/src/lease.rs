@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use switchboard_core::repo::runs::{self, Claimed, Renewal};
+use switchboard_core::{
+    db::Detached,
+    repo::runs::{self, Claimed, Renewal},
+};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -96,6 +99,7 @@ impl Attempt {
 pub async fn heartbeat(exec: Arc<Executor>, claimed: Claimed, attempt: Arc<Attempt>) {
     let ttl = exec.lease_ttl;
     let every = (ttl / 3).max(Duration::from_millis(200));
+    let mut pending = None;
     loop {
         let deadline = attempt.deadline();
         tokio::select! {
@@ -107,8 +111,8 @@ pub async fn heartbeat(exec: Arc<Executor>, claimed: Claimed, attempt: Arc<Attem
                     return;
                 }
             }
-            _ = tokio::time::sleep(every) => renew(&exec, &claimed, &attempt, every).await,
-            _ = attempt.nudge.notified() => renew(&exec, &claimed, &attempt, every).await,
+            _ = tokio::time::sleep(every) => renew(&exec, &claimed, &attempt, &mut pending, every).await,
+            _ = attempt.nudge.notified() => renew(&exec, &claimed, &attempt, &mut pending, every).await,
         }
     }
 }
@@ -119,26 +123,38 @@ fn fence(claimed: &Claimed, attempt: &Attempt, ttl: Duration) {
     attempt.stop(Interrupt::Fenced);
 }
 
-/// One renewal, abandoned after `limit` or at the fencing deadline.
-async fn renew(exec: &Executor, claimed: &Claimed, attempt: &Attempt, limit: Duration) {
-    let sent = Instant::now();
-    let call = runs::renew(&exec.pool, claimed.run.id, claimed.attempt, &exec.owner, exec.lease_ttl);
+/// A renewal in flight, and when it was sent.
+type Pending = Option<(Instant, Detached<Renewal>)>;
+
+/// One renewal, waited for at most `limit` and never past the fencing deadline. One
+/// renewal is in flight at a time: a slow one is waited for again at the next beat,
+/// not cancelled (see `Detached`) nor doubled.
+async fn renew(exec: &Executor, claimed: &Claimed, attempt: &Attempt, pending: &mut Pending, limit: Duration) {
+    let (sent, mut call) = pending.take().unwrap_or_else(|| {
+        let (pool, owner, ttl) = (exec.pool.clone(), exec.owner.clone(), exec.lease_ttl);
+        let (run, number) = (claimed.run.id, claimed.attempt);
+        (Instant::now(), Detached::spawn(async move { runs::renew(&pool, run, number, &owner, ttl).await }))
+    });
     let outcome = tokio::select! {
-        r = tokio::time::timeout(limit, call) => r,
-        _ = tokio::time::sleep_until(attempt.deadline()) => return,
+        r = call.wait(limit) => r,
+        _ = tokio::time::sleep_until(attempt.deadline()) => None,
+    };
+    let Some(outcome) = outcome else {
+        tracing::warn!(run_id = %claimed.run.id, "lease renewal is slow; still waiting for it");
+        *pending = Some((sent, call));
+        return;
     };
     match outcome {
-        Ok(Ok(Renewal::Held { cancel_requested, .. })) => {
+        Ok(Renewal::Held { cancel_requested, .. }) => {
             attempt.extend(sent, exec.lease_ttl);
             if cancel_requested {
                 attempt.stop(Interrupt::Cancelled);
             }
         }
-        Ok(Ok(Renewal::Lost)) => {
+        Ok(Renewal::Lost) => {
             tracing::warn!(run_id = %claimed.run.id, "lease lost; abandoning the run");
             attempt.stop(Interrupt::LeaseLost);
         }
-        Ok(Err(e)) => tracing::warn!(run_id = %claimed.run.id, error = %e, "lease renewal failed; will retry"),
-        Err(_) => tracing::warn!(run_id = %claimed.run.id, "lease renewal timed out; will retry"),
+        Err(e) => tracing::warn!(run_id = %claimed.run.id, error = %e, "lease renewal failed; will retry"),
     }
 }

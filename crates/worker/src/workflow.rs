@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use switchboard_core::{
     CoreResult, catalog,
+    db::Detached,
     definition::{FailedStep, WorkflowStep, WorkflowSummary},
     lifecycle::Ending,
     model::{RunStep, StepStatus},
@@ -146,22 +147,28 @@ async fn between_steps(
     i: usize,
     attempt: &Attempt,
 ) -> CoreResult<Between> {
+    let mut slow: Option<Detached<Renewal>> = None;
     loop {
         if attempt.interrupt.is_cancelled() {
             return Ok(Between::Stop(lease_lost(), vec![]));
         }
-        let check = runs::renew(&exec.pool, claimed.run.id, claimed.attempt, &exec.owner, exec.lease_ttl);
+        let mut check = slow.take().unwrap_or_else(|| {
+            let (pool, owner, ttl) = (exec.pool.clone(), exec.owner.clone(), exec.lease_ttl);
+            let (run, number) = (claimed.run.id, claimed.attempt);
+            Detached::spawn(async move { runs::renew(&pool, run, number, &owner, ttl).await })
+        });
         // Postgres blinking makes us wait (the fencing deadline ends the attempt if it
-        // lasts).
-        let renewal = match tokio::time::timeout(exec.lease_ttl / 3, check).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        // lasts); a slow check is waited for again, never cancelled.
+        let renewal = match check.wait(exec.lease_ttl / 3).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "could not check the run between steps; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            Err(_) => {
-                tracing::warn!("checking the run between steps timed out; retrying");
+            None => {
+                tracing::warn!("checking the run between steps is slow; still waiting");
+                slow = Some(check);
                 continue;
             }
         };

@@ -240,6 +240,7 @@ impl Engine {
         }
         let options = RunOptions {
             priority: original.priority,
+            timeout_s: Some(original.timeout_s),
             trigger: crate::model::Trigger::Retry,
             retry_of: Some(id),
             idempotency_key,

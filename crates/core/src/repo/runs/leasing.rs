@@ -211,6 +211,12 @@ pub async fn claim_for_device(
             return Ok(None);
         };
         let Some(c) = lock_candidate(&mut tx, run).await? else { continue };
+        // The query above applies the same rule; should they ever disagree, hand
+        // nothing over rather than pick the same row again.
+        if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
+            tx.commit().await?;
+            return Ok(None);
+        }
         match readable(&c) {
             Ok((_, definition)) => {
                 let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;

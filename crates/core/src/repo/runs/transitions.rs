@@ -62,6 +62,11 @@ pub(crate) async fn lock(conn: &mut PgConnection, id: RunId) -> CoreResult<Optio
 }
 
 /// `queued → running` on `device` under `owner`'s lease, with `run.started`.
+///
+/// `started_at` is the clock at this statement, not the transaction's start (`now()`):
+/// a claim may have waited for a row lock, and its run starts only once the device is
+/// leased, after the previous holder's release committed. The lease runs from the
+/// transaction's start, which only makes it shorter: the safe side for fencing.
 pub(crate) async fn start(
     conn: &mut PgConnection,
     id: RunId,
@@ -74,7 +79,7 @@ pub(crate) async fn start(
         RunRow,
         "WITH r AS (
             UPDATE runs SET status = 'running', device_id = $2, lease_owner = $3,
-                lease_expires_at = now() + make_interval(secs => $4), started_at = now(), finished_at = NULL,
+                lease_expires_at = now() + make_interval(secs => $4), started_at = clock_timestamp(), finished_at = NULL,
                 not_before = NULL, updated_at = now()
             WHERE id = $1 AND status = 'queued' RETURNING *),
          e AS (INSERT INTO events (type, run_id, device_id, data)
