@@ -12,8 +12,12 @@ use std::{
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use sqlx::{PgPool, Row};
-use switchboard_core::db;
+use sqlx::PgPool;
+use switchboard_core::{
+    db,
+    ids::{RunId, ScheduleId},
+    repo,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchConfig {
@@ -138,10 +142,7 @@ impl Deployment {
             let _ = c.wait();
         }
         self.pool.close().await;
-        if let Ok(admin) = db::connect(&self.admin_url, 2).await {
-            let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db);
-            let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
-        }
+        let _ = db::drop_database(&self.admin_url, &self.db).await;
         if let Ok(client) = redis::Client::open(self.redis_url.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
@@ -206,9 +207,7 @@ async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String>
 async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
-            .fetch_one(pool)
-            .await?;
+        let left = repo::stats::open_runs(pool).await?;
         if left == 0 {
             return Ok(());
         }
@@ -254,9 +253,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     let mut rounds = Vec::new();
     for round in 0..cfg.rounds {
         eprintln!("round {}/{} ...", round + 1, cfg.rounds);
-        let pg =
-            timed(300, || async { sqlx::query("SELECT 1").execute(&dep.pool).await.map(|_| ()).map_err(Into::into) })
-                .await?;
+        let pg = timed(300, || async { db::ping(&dep.pool).await.map(|_| ()).map_err(Into::into) }).await?;
         let rd = timed(300, || {
             let mut c = redis_conn.clone();
             async move { redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()).map_err(Into::into) }
@@ -288,14 +285,8 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
         wait_idle(&dep.pool, Duration::from_secs(60)).await?;
-        let uuids: Vec<uuid::Uuid> = lat_ids.iter().filter_map(|s| uuid::Uuid::parse_str(s).ok()).collect();
-        let rows = sqlx::query(
-            "SELECT (extract(epoch FROM (started_at - queued_at)) * 1000)::float8 AS ms FROM runs WHERE id = ANY ($1)",
-        )
-        .bind(&uuids)
-        .fetch_all(&dep.pool)
-        .await?;
-        let e2s: Vec<f64> = rows.iter().filter_map(|r| r.try_get::<f64, _>("ms").ok()).collect();
+        let ids: Vec<RunId> = lat_ids.iter().filter_map(|s| s.parse().ok()).collect();
+        let e2s = repo::stats::start_latencies_ms(&dep.pool, &ids).await?;
 
         // Throughput: many clients submit `runs` zero-length runs.
         let t0 = Instant::now();
@@ -361,17 +352,18 @@ async fn fire_lag(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -
         bail!("creating the schedule answered {}", r.status());
     }
     let id: Value = r.json().await?;
-    let id = uuid::Uuid::parse_str(id["id"].as_str().unwrap_or_default())?;
+    let id: ScheduleId = id["id"].as_str().unwrap_or_default().parse()?;
     tokio::time::sleep(Duration::from_secs(cfg.fire_lag_seconds)).await;
-    sqlx::query("UPDATE schedules SET enabled = false WHERE id = $1").bind(id).execute(&dep.pool).await?;
-    let rows = sqlx::query(
-        "SELECT (extract(epoch FROM (enqueued_at - scheduled_for)) * 1000)::float8 AS ms FROM runs
-         WHERE schedule_id = $1 AND scheduled_for IS NOT NULL AND enqueued_at IS NOT NULL",
-    )
-    .bind(id)
-    .fetch_all(&dep.pool)
-    .await?;
-    let lags: Vec<f64> = rows.iter().filter_map(|r| r.try_get::<f64, _>("ms").ok()).collect();
+    let stop = http
+        .patch(format!("{}/api/v1/schedules/{id}", dep.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await?;
+    if !stop.status().is_success() {
+        bail!("disabling the schedule answered {}", stop.status());
+    }
+    let lags = repo::stats::fire_lags_ms(&dep.pool, id).await?;
     let n = lags.len();
     let (p50, p99) = stats(lags.clone());
     let max = lags.iter().cloned().fold(f64::NAN, f64::max);

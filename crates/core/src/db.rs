@@ -72,6 +72,17 @@ pub async fn create_database_if_missing(url: &str) -> CoreResult<()> {
     Ok(())
 }
 
+/// Drops a database if it exists (the bench's own, when it is done), closing its
+/// connections.
+pub async fn drop_database(admin_url: &str, name: &str) -> CoreResult<()> {
+    let mut conn = PgConnection::connect_with(&options(admin_url)?.database("postgres")).await?;
+    // Runtime SQL: an identifier cannot be a bind parameter.
+    let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', "\"\""));
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+    conn.close().await.ok();
+    Ok(())
+}
+
 /// One round trip to Postgres, for health checks.
 pub async fn ping(pool: &PgPool) -> CoreResult<std::time::Duration> {
     let start = std::time::Instant::now();

@@ -47,119 +47,35 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
     let Some(pool) = pool else { return Ok(()) };
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let keys = Keys::new(&common.namespace);
-
-    let stopping = CancellationToken::new();
-    let hand_back = CancellationToken::new();
-    let exec = Arc::new(Executor {
-        pool: pool.clone(),
-        engine: Engine::new(pool.clone(), queue.clone()),
-        owner: owner.clone(),
-        drivers: Drivers::builtin(),
-        lease_ttl: common.lease_ttl(),
-        policy: FinishPolicy {
-            breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
-            retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
-            retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
-        },
-        hand_back: hand_back.clone(),
-        stopping: stopping.clone(),
-        inflight: Default::default(),
-    });
-    let shared = Shared { exec, tracker: TaskTracker::new() };
+    let exec = Arc::new(executor(&pool, queue, &owner, &common, &cfg));
+    let shared = Shared { exec: exec.clone(), tracker: TaskTracker::new() };
 
     let hub = WakeHub::default();
-    {
-        let exec = shared.exec.clone();
-        hub.on_cancel(Arc::new(move |run_id| exec.nudge(run_id)));
-    }
+    hub.on_cancel(Arc::new(move |run_id| exec.nudge(run_id)));
     let background = CancellationToken::new();
-    tokio::spawn(hub.clone().listen(
-        common.redis_url.clone(),
-        keys.wake_channel(),
-        keys.control_channel(),
-        background.clone(),
-    ));
+    let (wake, control) = (keys.wake_channel(), keys.control_channel());
+    tokio::spawn(hub.clone().listen(common.redis_url.clone(), wake, control, background.clone()));
     tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
 
-    // Supervisor: an apalis worker ends when Redis misbehaves (a fetch error marks it
-    // dead); start a fresh one, under a fresh name, until we are told to stop.
-    let supervisor = {
-        let stopping = stopping.clone();
-        let shared = shared.clone();
-        let hub = hub.clone();
-        let redis_url = common.redis_url.clone();
-        let owner = owner.clone();
-        let concurrency = cfg.concurrency.max(1);
-        let poll = Duration::from_millis(cfg.poll_interval_ms.max(10));
-        async move {
-            let mut generation = 0u32;
-            let mut delay = Duration::from_millis(200);
-            while !stopping.is_cancelled() {
-                generation += 1;
-                let name = format!("{owner}#{generation}");
-                let conn = match queue::connection(&redis_url) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "bad redis configuration");
-                        return;
-                    }
-                };
-                let backend = RedisStorage::<RunJob>::new(conn)
-                    .with_config(keys.apalis_config(concurrency))
-                    .poll_with_strategy(Strategy::new().interval(poll).stream(hub.subscribe()));
-                let worker = WorkerBuilder::new(name.clone())
-                    .backend(backend)
-                    .data(shared.clone())
-                    .concurrency(concurrency)
-                    .parallelize(tokio::spawn)
-                    .build(handle);
-                let stop = stopping.clone();
-                let started = std::time::Instant::now();
-                let result = worker
-                    .run_until(async move {
-                        stop.cancelled().await;
-                        Ok::<(), std::io::Error>(())
-                    })
-                    .await;
-                match result {
-                    Ok(()) if stopping.is_cancelled() => break,
-                    Ok(()) => tracing::warn!(worker = %name, "queue consumer ended; restarting"),
-                    Err(e) => tracing::warn!(worker = %name, error = %e, "queue consumer failed; restarting"),
-                }
-                if started.elapsed() > Duration::from_secs(30) {
-                    delay = Duration::from_millis(200);
-                }
-                tokio::select! {
-                    _ = stopping.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    };
-
-    // The apalis future is not `Send` in general, so it runs here beside the stop logic.
-    let stop_logic = async {
-        shutdown.cancelled().await;
-        tracing::info!(grace_s = cfg.shutdown_grace_s, "worker stopping: no new work; waiting for in-flight runs");
-        stopping.cancel();
-        shared.tracker.close();
-        let grace = Duration::from_secs(cfg.shutdown_grace_s);
-        if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
-            tracing::warn!("grace period over: handing back in-flight runs");
-            hand_back.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(10), shared.tracker.wait()).await;
-        }
+    let consumer = Consumer {
+        shared: shared.clone(),
+        hub,
+        keys,
+        redis_url: common.redis_url.clone(),
+        owner: owner.clone(),
+        concurrency: cfg.concurrency.max(1),
+        poll: Duration::from_millis(cfg.poll_interval_ms.max(10)),
     };
     let stopped = CancellationToken::new();
     let stop_logic = async {
-        stop_logic.await;
+        stop_gracefully(&shutdown, &shared, Duration::from_secs(cfg.shutdown_grace_s)).await;
         stopped.cancel();
     };
+    // The apalis future is not `Send` in general, so it runs here beside the stop logic.
     // The consumer gets a few seconds after the in-flight runs to hand back its buffer.
     let supervised = async {
         tokio::select! {
-            _ = supervisor => {}
+            _ = consumer.supervise() => {}
             _ = async { stopped.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
         }
     };
@@ -168,6 +84,100 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
     let _ = processes::stopped(&pool, &owner).await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+fn executor(pool: &sqlx::PgPool, queue: Queue, owner: &str, common: &CommonConfig, cfg: &WorkerConfig) -> Executor {
+    Executor {
+        pool: pool.clone(),
+        engine: Engine::new(pool.clone(), queue),
+        owner: owner.to_string(),
+        drivers: Drivers::builtin(),
+        lease_ttl: common.lease_ttl(),
+        policy: FinishPolicy {
+            breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
+            retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
+            retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
+        },
+        hand_back: CancellationToken::new(),
+        stopping: CancellationToken::new(),
+        inflight: Default::default(),
+    }
+}
+
+/// Stops taking work at `shutdown`, waits `grace` for the runs in flight, then hands
+/// back what is left.
+async fn stop_gracefully(shutdown: &CancellationToken, shared: &Shared, grace: Duration) {
+    shutdown.cancelled().await;
+    tracing::info!(grace_s = grace.as_secs(), "worker stopping: no new work; waiting for in-flight runs");
+    shared.exec.stopping.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        tracing::warn!("grace period over: handing back in-flight runs");
+        shared.exec.hand_back.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), shared.tracker.wait()).await;
+    }
+}
+
+/// The apalis consumer of the runs queue.
+struct Consumer {
+    shared: Shared,
+    hub: WakeHub,
+    keys: Keys,
+    redis_url: String,
+    owner: String,
+    concurrency: usize,
+    poll: Duration,
+}
+
+impl Consumer {
+    /// An apalis worker ends when Redis misbehaves (a fetch error marks it dead): start
+    /// a fresh one, under a fresh name, until the worker stops.
+    async fn supervise(&self) {
+        let stopping = &self.shared.exec.stopping;
+        let mut delay = Duration::from_millis(200);
+        for generation in 1u32.. {
+            if stopping.is_cancelled() {
+                return;
+            }
+            let name = format!("{}#{generation}", self.owner);
+            let started = std::time::Instant::now();
+            match self.consume(&name).await {
+                Ok(()) if stopping.is_cancelled() => return,
+                Ok(()) => tracing::warn!(worker = %name, "queue consumer ended; restarting"),
+                Err(e) => tracing::warn!(worker = %name, error = %e, "queue consumer failed; restarting"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                delay = Duration::from_millis(200);
+            }
+            tokio::select! {
+                _ = stopping.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One apalis worker, until the worker stops or it fails.
+    async fn consume(&self, name: &str) -> anyhow::Result<()> {
+        let conn = queue::connection(&self.redis_url)?;
+        let backend = RedisStorage::<RunJob>::new(conn)
+            .with_config(self.keys.apalis_config(self.concurrency))
+            .poll_with_strategy(Strategy::new().interval(self.poll).stream(self.hub.subscribe()));
+        let worker = WorkerBuilder::new(name)
+            .backend(backend)
+            .data(self.shared.clone())
+            .concurrency(self.concurrency)
+            .parallelize(tokio::spawn)
+            .build(handle);
+        let stop = self.shared.exec.stopping.clone();
+        worker
+            .run_until(async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 /// One delivery from Redis. Returns `Ok` once Postgres holds the outcome (apalis'

@@ -116,3 +116,32 @@ pub async fn fire_lag(pool: &PgPool, bounds: &[f64]) -> CoreResult<(Vec<i64>, i6
     .await?;
     Ok((r.buckets, r.n, r.total))
 }
+
+/// Runs still queued or running (a deployment is idle at zero).
+pub async fn open_runs(pool: &PgPool) -> CoreResult<i64> {
+    Ok(sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM runs WHERE status IN ('queued', 'running')"#)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Enqueue-to-start latency of started runs (`started_at - queued_at`, milliseconds).
+pub async fn start_latencies_ms(pool: &PgPool, ids: &[crate::ids::RunId]) -> CoreResult<Vec<f64>> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT (extract(epoch FROM (started_at - queued_at)) * 1000)::float8 AS "ms!" FROM runs
+           WHERE id = ANY ($1) AND started_at IS NOT NULL"#,
+        ids as &[crate::ids::RunId]
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Fire lag of a schedule's ticks (`enqueued_at - scheduled_for`, milliseconds).
+pub async fn fire_lags_ms(pool: &PgPool, schedule: crate::ids::ScheduleId) -> CoreResult<Vec<f64>> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT (extract(epoch FROM (enqueued_at - scheduled_for)) * 1000)::float8 AS "ms!" FROM runs
+           WHERE schedule_id = $1 AND scheduled_for IS NOT NULL AND enqueued_at IS NOT NULL"#,
+        schedule as crate::ids::ScheduleId
+    )
+    .fetch_all(pool)
+    .await?)
+}

@@ -289,86 +289,32 @@ async fn fire(
     now: DateTime<Utc>,
     grace: chrono::Duration,
 ) -> CoreResult<Vec<(RunId, Vec<RunId>)>> {
-    let subject = Subject::schedule(s.id, None);
     let (expr, tz) = match timing(s) {
         Ok(t) => t,
-        Err(e) => {
-            // Cannot happen for schedules written through the API; never loop on it.
-            events::append(conn, EventKind::ScheduleError, subject, json!({"error": e})).await?;
-            let record = TickRecord {
-                next_fire_at: None,
-                last_fired_at: s.last_fired_at,
-                buffered_for: None,
-                fired: 0,
-                skipped: 0,
-                missed: 0,
-                enabled: false,
-            };
-            schedules::record_tick(conn, s.id, &record).await?;
-            return Ok(Vec::new());
-        }
+        // Cannot happen for schedules written through the API; never loop on it.
+        Err(e) => return disable(conn, s, &e).await.map(|()| Vec::new()),
     };
     let due = s.next_fire_at.filter(|t| *t <= now);
     let mut ticks: Vec<DateTime<Utc>> = due.into_iter().collect();
     if let Some(d) = due {
         ticks.extend(expr.between(tz, d, now, 10_000));
     }
-    let mut active = schedules::active_run(conn, s.id).await?;
-    let input = TickInput {
-        ticks,
-        now,
-        grace,
-        misfire: s.misfire,
-        overlap: s.overlap,
-        buffered_for: s.buffered_for,
-        active: active.is_some(),
-    };
-    let plan = tick::plan(&input);
+    let active = schedules::active_run(conn, s.id).await?;
+    let (misfire, overlap, buffered_for) = (s.misfire, s.overlap, s.buffered_for);
+    let plan = tick::plan(&TickInput { ticks, now, grace, misfire, overlap, buffered_for, active: active.is_some() });
     if let Some(m) = &plan.missed {
         let data =
-            json!({"count": m.count, "first": m.first, "last": m.last, "misfire": s.misfire, "catch_up": m.catch_up});
-        events::append(conn, EventKind::ScheduleMissed, subject, data).await?;
+            json!({"count": m.count, "first": m.first, "last": m.last, "misfire": misfire, "catch_up": m.catch_up});
+        events::append(conn, EventKind::ScheduleMissed, Subject::schedule(s.id, None), data).await?;
     }
-    let mut fired = Vec::new();
-    let mut last_fired = s.last_fired_at;
-    for action in &plan.actions {
-        match *action {
-            Action::Fire { tick, buffered } => {
-                let options = RunOptions {
-                    trigger: Trigger::Schedule,
-                    schedule_id: Some(s.id),
-                    scheduled_for: Some(tick),
-                    ..RunOptions::default()
-                };
-                let (run, push) = Engine::start_target(conn, &s.target, &options).await?;
-                let data = if buffered {
-                    json!({"scheduled_for": tick, "run_id": run, "buffered": true})
-                } else {
-                    json!({"scheduled_for": tick, "run_id": run, "lag_ms": (now - tick).num_milliseconds()})
-                };
-                events::append(conn, EventKind::ScheduleFired, Subject::schedule(s.id, Some(run)), data).await?;
-                fired.push((run, push));
-                last_fired = Some(tick);
-                active = Some(run);
-            }
-            Action::Skip(tick) => {
-                let data = json!({"scheduled_for": tick, "reason": "overlap", "active_run_id": active});
-                events::append(conn, EventKind::ScheduleSkipped, subject, data).await?;
-            }
-            Action::Buffer(tick) => {
-                events::append(
-                    conn,
-                    EventKind::ScheduleBuffered,
-                    subject,
-                    json!({"scheduled_for": tick, "active_run_id": active}),
-                )
-                .await?;
-            }
-        }
-    }
+    let fired = carry_out(conn, s, &plan.actions, active, now).await?;
+    let last_fired = plan.actions.iter().rev().find_map(|a| match a {
+        Action::Fire { tick, .. } => Some(*tick),
+        _ => None,
+    });
     let record = TickRecord {
         next_fire_at: if due.is_some() { expr.next_after(tz, now) } else { s.next_fire_at },
-        last_fired_at: last_fired,
+        last_fired_at: last_fired.or(s.last_fired_at),
         buffered_for: plan.buffered_for,
         fired: plan.fired(),
         skipped: plan.skipped(),
@@ -377,4 +323,63 @@ async fn fire(
     };
     schedules::record_tick(conn, s.id, &record).await?;
     Ok(fired)
+}
+
+/// Writes each of a tick's actions: a run started (and `schedule.fired`), or the
+/// `schedule.skipped` / `schedule.buffered` decision naming the run still active.
+async fn carry_out(
+    conn: &mut PgConnection,
+    s: &Schedule,
+    actions: &[Action],
+    mut active: Option<RunId>,
+    now: DateTime<Utc>,
+) -> CoreResult<Vec<(RunId, Vec<RunId>)>> {
+    let subject = Subject::schedule(s.id, None);
+    let mut fired = Vec::new();
+    for action in actions {
+        let (kind, subject, data) = match *action {
+            Action::Fire { tick, buffered } => {
+                let options = RunOptions {
+                    trigger: Trigger::Schedule,
+                    schedule_id: Some(s.id),
+                    scheduled_for: Some(tick),
+                    ..RunOptions::default()
+                };
+                let (run, push) = Engine::start_target(conn, &s.target, &options).await?;
+                fired.push((run, push));
+                active = Some(run);
+                let data = if buffered {
+                    json!({"scheduled_for": tick, "run_id": run, "buffered": true})
+                } else {
+                    json!({"scheduled_for": tick, "run_id": run, "lag_ms": (now - tick).num_milliseconds()})
+                };
+                (EventKind::ScheduleFired, Subject::schedule(s.id, Some(run)), data)
+            }
+            Action::Skip(tick) => {
+                let data = json!({"scheduled_for": tick, "reason": "overlap", "active_run_id": active});
+                (EventKind::ScheduleSkipped, subject, data)
+            }
+            Action::Buffer(tick) => {
+                (EventKind::ScheduleBuffered, subject, json!({"scheduled_for": tick, "active_run_id": active}))
+            }
+        };
+        events::append(conn, kind, subject, data).await?;
+    }
+    Ok(fired)
+}
+
+/// A stored schedule whose cron or time zone no longer reads: disabled, with a
+/// `schedule.error` event, so it is never retried in a loop.
+async fn disable(conn: &mut PgConnection, s: &Schedule, problem: &str) -> CoreResult<()> {
+    events::append(conn, EventKind::ScheduleError, Subject::schedule(s.id, None), json!({"error": problem})).await?;
+    let record = TickRecord {
+        next_fire_at: None,
+        last_fired_at: s.last_fired_at,
+        buffered_for: None,
+        fired: 0,
+        skipped: 0,
+        missed: 0,
+        enabled: false,
+    };
+    schedules::record_tick(conn, s.id, &record).await
 }

@@ -19,7 +19,7 @@ use crate::{
     events::{EventKind, Subject},
     ids::{DeviceId, RunId},
     lifecycle::{self, Abandon, Command, Decision, Ending, RunState},
-    model::{Device, Run, RunStatus, RunStep},
+    model::{Device, Run, RunKind, RunStatus, RunStep},
     repo::{
         devices::{self, BreakerPolicy},
         events,
@@ -73,11 +73,55 @@ struct Candidate {
     definition: Value,
 }
 
+/// The columns a claim reads.
+struct CandidateRow {
+    id: RunId,
+    status: RunStatus,
+    kind: RunKind,
+    attempt: i32,
+    max_attempts: i32,
+    paused: bool,
+    cancel_requested: bool,
+    held: bool,
+    device_id: Option<DeviceId>,
+    lease_owner: Option<String>,
+    not_before: Option<DateTime<Utc>>,
+    due: bool,
+    selector: Option<Value>,
+    definition: Value,
+}
+
+impl From<CandidateRow> for Candidate {
+    fn from(r: CandidateRow) -> Candidate {
+        Candidate {
+            locked: Locked {
+                id: r.id,
+                state: RunState {
+                    status: r.status,
+                    kind: r.kind,
+                    attempt: r.attempt,
+                    max_attempts: r.max_attempts,
+                    paused: r.paused,
+                    cancel_requested: r.cancel_requested,
+                    held: r.held,
+                },
+                device_id: r.device_id,
+                lease_owner: r.lease_owner,
+            },
+            due: r.due,
+            not_before: r.not_before,
+            selector: r.selector,
+            definition: r.definition,
+        }
+    }
+}
+
 async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Candidate>> {
     // Wait for the row rather than SKIP LOCKED: every other writer of a run row (the
     // API recording its dispatch, a cancel, another claimer) holds it for a moment,
     // and skipping would drop this delivery while the run stays queued.
-    let row = sqlx::query!(
+    let row = sqlx::query_as!(
+        CandidateRow,
         r#"SELECT id, status, kind, attempt, max_attempts, paused, cancel_requested, held, device_id, lease_owner,
                   not_before, (not_before IS NULL OR not_before <= now()) AS "due!",
                   selector AS "selector: Value", definition AS "definition: Value"
@@ -86,49 +130,53 @@ async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option
     )
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|r| Candidate {
-        locked: Locked {
-            id: r.id,
-            state: RunState {
-                status: r.status,
-                kind: r.kind,
-                attempt: r.attempt,
-                max_attempts: r.max_attempts,
-                paused: r.paused,
-                cancel_requested: r.cancel_requested,
-                held: r.held,
-            },
-            device_id: r.device_id,
-            lease_owner: r.lease_owner,
-        },
-        due: r.due,
-        not_before: r.not_before,
-        selector: r.selector,
-        definition: r.definition,
-    }))
+    Ok(row.map(Candidate::from))
 }
 
-/// Reads a candidate's stored selector and snapshot. Either one unreadable is an
-/// error naming it, never "any device" or "no steps".
-fn readable(c: &Candidate) -> Result<(Selector, RunDefinition), RunError> {
-    let unreadable = |what: &str, e: String| {
-        RunError::new(ErrorKind::Unreadable, format!("the run's stored {what} is unreadable: {e}"))
-    };
-    let selector = match &c.selector {
-        None => return Err(unreadable("selector", "it has none".into())),
-        Some(v) => from_stored::<Selector>(v.clone()).map_err(|e| unreadable("selector", e))?,
-    };
+/// The best queued run (priority, then age) a locked device can serve, locked
+/// (`SKIP LOCKED`: a run another claimer holds is left to it).
+async fn next_candidate(conn: &mut PgConnection, device: DeviceId) -> CoreResult<Option<Candidate>> {
+    let row = sqlx::query_as!(
+        CandidateRow,
+        r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held, r.device_id,
+                  r.lease_owner, r.not_before, (r.not_before IS NULL OR r.not_before <= now()) AS "due!",
+                  r.selector AS "selector: Value", r.definition AS "definition: Value"
+           FROM runs r, devices d
+           WHERE d.id = $1 AND r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND NOT r.paused
+             AND (r.not_before IS NULL OR r.not_before <= now()) AND r.selector IS NOT NULL
+             AND selector_matches(r.selector, d)
+           ORDER BY r.priority DESC, r.queued_at, r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED"#,
+        device as DeviceId
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(Candidate::from))
+}
+
+fn unreadable(what: &str, e: String) -> RunError {
+    RunError::new(ErrorKind::Unreadable, format!("the run's stored {what} is unreadable: {e}"))
+}
+
+/// A candidate's stored selector. Unreadable is an error naming it, never "any device".
+fn selector_of(c: &Candidate) -> Result<Selector, RunError> {
+    match &c.selector {
+        None => Err(unreadable("selector", "it has none".into())),
+        Some(v) => from_stored::<Selector>(v.clone()).map_err(|e| unreadable("selector", e)),
+    }
+}
+
+/// A candidate's stored snapshot. Unreadable is an error naming it, never "no steps".
+fn definition_of(c: &Candidate) -> Result<RunDefinition, RunError> {
     let definition = from_stored::<RunDefinition>(c.definition.clone()).map_err(|e| unreadable("definition", e))?;
     if definition.kind() != c.locked.state.kind {
-        return Err(unreadable(
-            "definition",
-            format!("it is a {} snapshot on a {} run", definition.kind(), c.locked.state.kind),
-        ));
+        let problem = format!("it is a {} snapshot on a {} run", definition.kind(), c.locked.state.kind);
+        return Err(unreadable("definition", problem));
     }
-    Ok((selector, definition))
+    Ok(definition)
 }
 
-/// Claims a queued run and a free matching device, in one transaction.
+/// Claims a queued run and a free matching device, in one transaction. The snapshot is
+/// read only once a device is found (most deliveries of a busy pool find none).
 pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
     let mut tx = pool.begin().await?;
     let Some(c) = lock_candidate(&mut tx, run).await? else { return Ok(ClaimOutcome::NotClaimable) };
@@ -137,13 +185,17 @@ pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> Cor
         Decision::NotYet => return Ok(ClaimOutcome::NotYet(c.not_before.unwrap_or_else(Utc::now))),
         _ => return Ok(ClaimOutcome::NotClaimable),
     }
-    let (selector, definition) = match readable(&c) {
-        Ok(parts) => parts,
+    let selector = match selector_of(&c) {
+        Ok(s) => s,
         Err(error) => return abandon_unreadable(tx, &c, error).await,
     };
     let Some(device) = devices::pick_claimable(&mut tx, &selector).await? else {
         tx.commit().await?;
         return Ok(ClaimOutcome::NoDevice);
+    };
+    let definition = match definition_of(&c) {
+        Ok(d) => d,
+        Err(error) => return abandon_unreadable(tx, &c, error).await,
     };
     let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;
     tx.commit().await?;
@@ -171,13 +223,16 @@ pub async fn claim_with_recheck(pool: &PgPool, run: RunId, owner: &str, ttl: Dur
         if !matches!(outcome, ClaimOutcome::NoDevice) {
             break;
         }
-        let mut conn = pool.acquire().await?;
-        let waiting = super::find(&mut conn, run).await?.filter(|r| r.status == RunStatus::Queued);
-        let Some(selector) = waiting.and_then(|r| r.selector) else { break };
-        if !devices::any_claimable(&mut conn, &selector).await? {
+        let waiting = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM runs r WHERE r.id = $1 AND r.status = 'queued' AND EXISTS (
+                   SELECT 1 FROM devices d WHERE device_claimable(d) AND selector_matches(r.selector, d))) AS "free!""#,
+            run as RunId
+        )
+        .fetch_one(pool)
+        .await?;
+        if !waiting {
             break;
         }
-        drop(conn);
         outcome = claim(pool, run, owner, ttl).await?;
     }
     Ok(outcome)
@@ -196,35 +251,25 @@ pub async fn claim_for_device(
         return Ok(None);
     }
     loop {
-        let next = sqlx::query_scalar!(
-            "SELECT r.id FROM runs r, devices d
-             WHERE d.id = $1 AND r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND NOT r.paused
-               AND (r.not_before IS NULL OR r.not_before <= now()) AND r.selector IS NOT NULL
-               AND selector_matches(r.selector, d)
-             ORDER BY r.priority DESC, r.queued_at, r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
-            device as DeviceId
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(run) = next else {
+        let Some(c) = next_candidate(&mut tx, device).await? else {
             tx.commit().await?;
             return Ok(None);
         };
-        let Some(c) = lock_candidate(&mut tx, run).await? else { continue };
-        // The query above applies the same rule; should they ever disagree, hand
-        // nothing over rather than pick the same row again.
+        // The query applies the same rule; should they ever disagree, hand nothing
+        // over rather than pick the same row again.
         if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
             tx.commit().await?;
             return Ok(None);
         }
-        match readable(&c) {
-            Ok((_, definition)) => {
-                let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;
+        match selector_of(&c).and_then(|_| definition_of(&c)) {
+            Ok(definition) => {
+                let claimed = assign(&mut tx, c.locked.id, device, owner, ttl, definition.touches_device()).await?;
                 tx.commit().await?;
                 return Ok(Some(claimed));
             }
             Err(error) => {
-                transitions::end(&mut tx, &[run], RunStatus::Errored, None, Some(&error)).await?;
+                tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
+                transitions::end(&mut tx, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
             }
         }
     }
