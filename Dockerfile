@@ -1,11 +1,15 @@
 # Multi-stage build of the single `switchboard` binary.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY .cargo .cargo
+COPY .sqlx .sqlx
 COPY crates crates
 COPY src src
 COPY migrations migrations
 COPY docs docs
+# Queries are checked against the committed .sqlx/ data: no database at build time.
+ENV SQLX_OFFLINE=true
 RUN cargo build --release --locked --bin switchboard
 
 FROM debian:bookworm-slim

@@ -32,6 +32,15 @@ use tower_http::{
 
 use crate::error::ApiError;
 
+/// The answer to a start: 202 with the new run, or 200 with the first run when an
+/// `Idempotency-Key` was seen before.
+pub(crate) fn started(
+    s: switchboard_core::service::Started,
+) -> (axum::http::StatusCode, axum::Json<switchboard_core::model::Run>) {
+    let status = if s.created { axum::http::StatusCode::ACCEPTED } else { axum::http::StatusCode::OK };
+    (status, axum::Json(s.run))
+}
+
 /// What every handler sees.
 #[derive(Clone)]
 pub struct AppState {

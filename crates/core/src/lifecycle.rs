@@ -31,6 +31,22 @@ pub struct RunState {
     pub held: bool,
 }
 
+/// Builds a `RunState` from any row (a `query!` record) that has its columns.
+macro_rules! run_state {
+    ($row:expr) => {
+        $crate::lifecycle::RunState {
+            status: $row.status,
+            kind: $row.kind,
+            attempt: $row.attempt,
+            max_attempts: $row.max_attempts,
+            paused: $row.paused,
+            cancel_requested: $row.cancel_requested,
+            held: $row.held,
+        }
+    };
+}
+pub(crate) use run_state;
+
 /// How an attempt ended, as its worker reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {

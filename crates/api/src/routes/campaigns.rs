@@ -79,5 +79,5 @@ pub async fn start(
         Start { of: id, body: body::<CampaignRunBody>(&headers, &bytes)?, idempotency_key: idempotency_key(&headers)? };
     let cmd = StartCampaign::try_from(request)?;
     let started = state.engine.launch_campaign(&cmd).await?;
-    Ok((if started.created { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(started.run)))
+    Ok(crate::started(started))
 }

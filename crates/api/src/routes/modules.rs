@@ -52,5 +52,5 @@ pub async fn start(
     };
     let cmd = StartModule::try_from(request)?;
     let started = state.engine.start_module(&cmd).await?;
-    Ok((if started.created { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(started.run)))
+    Ok(crate::started(started))
 }

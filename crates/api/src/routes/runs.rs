@@ -119,5 +119,5 @@ pub async fn retry(
     runs::get(&state.engine.pool, id).await?;
     let failed_only = body::<RetryBody>(&headers, &bytes)?.failed_only()?;
     let started = state.engine.retry(id, failed_only, idempotency_key(&headers)?).await?;
-    Ok((if started.created { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(started.run)))
+    Ok(crate::started(started))
 }

@@ -80,5 +80,5 @@ pub async fn start(
         Start { of: id, body: body::<WorkflowRunBody>(&headers, &bytes)?, idempotency_key: idempotency_key(&headers)? };
     let cmd = StartWorkflow::try_from(request)?;
     let started = state.engine.start_workflow(&cmd).await?;
-    Ok((if started.created { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(started.run)))
+    Ok(crate::started(started))
 }

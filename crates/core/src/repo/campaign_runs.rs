@@ -18,7 +18,7 @@ use crate::{
     definition::{CampaignSnapshot, CampaignSummary, ChildSpec, RunDefinition, from_stored},
     ids::RunId,
     launch::{self, RunOptions},
-    lifecycle::{self, Command, Decision, RunState},
+    lifecycle::{self, Command, Decision, RunState, run_state},
     model::{Run, RunStatus},
     repo::runs::{self, NewRun},
     run_error::{ErrorKind, RunError},
@@ -87,20 +87,7 @@ async fn lock_parent(conn: &mut PgConnection, parent: RunId) -> CoreResult<Optio
         Ok(other) => Err(format!("it is a {} snapshot", other.kind())),
         Err(e) => Err(e),
     };
-    Ok(Some(Parent {
-        state: RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        },
-        snapshot,
-        timed_out: r.timed_out,
-        started_at: r.started_at,
-    }))
+    Ok(Some(Parent { state: run_state!(r), snapshot, timed_out: r.timed_out, started_at: r.started_at }))
 }
 
 async fn progress(conn: &mut PgConnection, id: RunId, p: &Parent, s: &CampaignSnapshot) -> CoreResult<Progress> {
@@ -176,15 +163,7 @@ async fn stop_children(conn: &mut PgConnection, parent: RunId, why: Stop, interr
     .await?;
     let (mut end, mut stop) = (Vec::new(), Vec::new());
     for r in rows {
-        let state = RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        };
+        let state = run_state!(r);
         match lifecycle::decide(state, Command::Cancel) {
             Decision::End(RunStatus::Cancelled) => end.push(r.id),
             Decision::RequestCancel if interrupt && !r.cancel_requested => stop.push(r.id),

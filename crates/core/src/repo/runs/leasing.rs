@@ -18,7 +18,7 @@ use crate::{
     definition::{RunDefinition, from_stored},
     events::{EventKind, Subject},
     ids::{DeviceId, RunId},
-    lifecycle::{self, Abandon, Command, Decision, Ending, RunState},
+    lifecycle::{self, Abandon, Command, Decision, Ending, run_state},
     model::{Device, Run, RunKind, RunStatus, RunStep},
     repo::{
         devices::{self, BreakerPolicy},
@@ -94,20 +94,7 @@ struct CandidateRow {
 impl From<CandidateRow> for Candidate {
     fn from(r: CandidateRow) -> Candidate {
         Candidate {
-            locked: Locked {
-                id: r.id,
-                state: RunState {
-                    status: r.status,
-                    kind: r.kind,
-                    attempt: r.attempt,
-                    max_attempts: r.max_attempts,
-                    paused: r.paused,
-                    cancel_requested: r.cancel_requested,
-                    held: r.held,
-                },
-                device_id: r.device_id,
-                lease_owner: r.lease_owner,
-            },
+            locked: Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner },
             due: r.due,
             not_before: r.not_before,
             selector: r.selector,
@@ -322,15 +309,7 @@ pub async fn renew(pool: &PgPool, run: RunId, attempt: i32, owner: &str, ttl: Du
     let Some(r) = row else { return Ok(Renewal::Lost) };
     devices::renew_lease(&mut tx, run, owner, ttl).await?;
     tx.commit().await?;
-    let state = RunState {
-        status: r.status,
-        kind: r.kind,
-        attempt: r.attempt,
-        max_attempts: r.max_attempts,
-        paused: r.paused,
-        cancel_requested: r.cancel_requested,
-        held: r.held,
-    };
+    let state = run_state!(r);
     Ok(match lifecycle::decide(state, Command::Renew { holds: true }) {
         Decision::Hold { cancel_requested, paused } => Renewal::Held { cancel_requested, paused },
         _ => Renewal::Lost,

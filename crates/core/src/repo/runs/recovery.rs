@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::{
     CoreResult,
     ids::{DeviceId, RunId},
-    lifecycle::{self, Abandon, Command, Decision, RunState},
+    lifecycle::{self, Abandon, Command, Decision, run_state},
     model::RunStatus,
     repo::{
         devices,
@@ -45,15 +45,7 @@ pub async fn recover_expired(pool: &PgPool, limit: i64) -> CoreResult<(Vec<RunId
     .await?;
     let (mut requeued, mut ended) = (Vec::new(), Vec::new());
     for r in rows {
-        let state = RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        };
+        let state = run_state!(r);
         let owner = r.lease_owner.as_deref().unwrap_or("unknown");
         let lost = RunError::new(ErrorKind::LeaseExpired, "the worker stopped renewing its lease").by_worker(owner);
         match lifecycle::decide(state, Command::Recover) {
@@ -136,27 +128,15 @@ pub async fn abandon_overdue(pool: &PgPool, default_wait: Duration, limit: i64) 
     )
     .fetch_all(&mut *tx)
     .await?;
-    let mut ended = Vec::new();
-    for r in rows {
-        let state = RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        };
-        if lifecycle::decide(state, Command::Abandon(Abandon::QueueWait)) != Decision::End(RunStatus::Errored) {
-            continue;
-        }
-        let error = RunError::new(
-            ErrorKind::QueueWaitExceeded,
-            format!("no matching device became free within its queue-wait limit of {} s", r.waited_s),
-        );
-        transitions::end(&mut tx, &[r.id], RunStatus::Errored, None, Some(&error)).await?;
-        ended.push(Ended { id: r.id, parent: r.parent_run_id });
-    }
+    let doomed = rows.into_iter().map(|r| {
+        let problem = format!("no matching device became free within its queue-wait limit of {} s", r.waited_s);
+        (
+            Ended { id: r.id, parent: r.parent_run_id },
+            run_state!(r),
+            RunError::new(ErrorKind::QueueWaitExceeded, problem),
+        )
+    });
+    let ended = abandon(&mut tx, Abandon::QueueWait, doomed.collect()).await?;
     tx.commit().await?;
     Ok(ended)
 }
@@ -179,27 +159,28 @@ pub async fn abandon_unservable(conn: &mut PgConnection, device: DeviceId) -> Co
     )
     .fetch_all(&mut *conn)
     .await?;
-    let mut ended = Vec::new();
-    for r in rows {
-        let state = RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        };
-        if lifecycle::decide(state, Command::Abandon(Abandon::Unservable)) != Decision::End(RunStatus::Errored) {
-            continue;
-        }
-        let selector = r.selector;
-        let error = RunError::new(
-            ErrorKind::Unservable,
-            format!("no device that could serve it is left: every device matching {selector} was deleted or retired"),
+    let doomed = rows.into_iter().map(|r| {
+        let problem = format!(
+            "no device that could serve it is left: every device matching {} was deleted or retired",
+            r.selector
         );
-        transitions::end(conn, &[r.id], RunStatus::Errored, None, Some(&error)).await?;
-        ended.push(Ended { id: r.id, parent: r.parent_run_id });
+        (Ended { id: r.id, parent: r.parent_run_id }, run_state!(r), RunError::new(ErrorKind::Unservable, problem))
+    });
+    abandon(conn, Abandon::Unservable, doomed.collect()).await
+}
+
+/// Ends each locked queued run the lifecycle lets `why` end, with its own error.
+async fn abandon(
+    conn: &mut PgConnection,
+    why: Abandon,
+    runs: Vec<(Ended, crate::lifecycle::RunState, RunError)>,
+) -> CoreResult<Vec<Ended>> {
+    let mut ended = Vec::new();
+    for (run, state, error) in runs {
+        if lifecycle::decide(state, Command::Abandon(why)) == Decision::End(RunStatus::Errored) {
+            transitions::end(conn, &[run.id], RunStatus::Errored, None, Some(&error)).await?;
+            ended.push(run);
+        }
     }
     Ok(ended)
 }

@@ -12,7 +12,7 @@ use crate::{
     CoreResult,
     events::{EventKind, Subject},
     ids::{DeviceId, RunId},
-    lifecycle::RunState,
+    lifecycle::{RunState, run_state},
     model::{Run, RunStatus, RunStep, StepStatus},
     repo::{events, runs::RunRow},
     run_error::RunError,
@@ -45,20 +45,7 @@ pub(crate) async fn lock(conn: &mut PgConnection, id: RunId) -> CoreResult<Optio
     )
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|r| Locked {
-        id: r.id,
-        state: RunState {
-            status: r.status,
-            kind: r.kind,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            paused: r.paused,
-            cancel_requested: r.cancel_requested,
-            held: r.held,
-        },
-        device_id: r.device_id,
-        lease_owner: r.lease_owner,
-    }))
+    Ok(row.map(|r| Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner }))
 }
 
 /// `queued → running` on `device` under `owner`'s lease, with `run.started`.
