@@ -100,10 +100,12 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- Device `d` matches a stored selector: {"id"}, {"serial"} or {"pool"?, "labels"?}.
+-- Nothing in it can raise an error (ids are compared as text, not cast): one damaged
+-- stored selector must not break every query that matches runs to devices.
 CREATE FUNCTION selector_matches(sel jsonb, d devices) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE
-        WHEN sel ? 'id' THEN d.id = (sel ->> 'id')::uuid
+        WHEN sel ? 'id' THEN d.id::text = sel ->> 'id'
         WHEN sel ? 'serial' THEN d.serial = sel ->> 'serial'
         ELSE (NOT (sel ? 'pool') OR d.pool = sel ->> 'pool')
              AND to_jsonb(d.labels) @> COALESCE(sel -> 'labels', '[]'::jsonb)

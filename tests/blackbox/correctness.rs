@@ -410,9 +410,30 @@ async fn unreadable_stored_runs_end_errored_naming_what_is_unreadable() {
         .execute(&pg)
         .await
         .unwrap();
+    // A selector whose id is not a UUID: matching it against devices must not fail the
+    // queries that match every other run.
+    let bad_id = api.start("sleep", json!({"params": {"ms": 1}, "device": {"pool": "lab"}})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sqlx::query("UPDATE runs SET selector = '{\"id\": \"not-a-uuid\"}' WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&bad_id).unwrap())
+        .execute(&pg)
+        .await
+        .unwrap();
+    let fine = api.start("sleep", json!({"params": {"ms": 1}, "device": {"pool": "lab"}})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Deleting any device matches every queued run's selector against it: a damaged one
+    // must not make that fail.
+    let other = api.device("cor-bad-2", "elsewhere", json!({})).await;
+    let r = api.delete(&format!("/api/v1/devices/{}", other["id"].as_str().unwrap())).await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
     let _w = env.worker(&[]);
     let _s = env.scheduler(FAST);
-    for (id, what) in [(&wf_run, "definition"), (&mod_run, "selector")] {
+    assert_eq!(api.wait_terminal(&fine, T).await["status"], "succeeded");
+    for (id, what) in [(&wf_run, "definition"), (&mod_run, "selector"), (&bad_id, "selector")] {
         let (status, error) = eventually(T, "the damaged run to end", || async {
             let (status, error) = stored(&pg, id).await;
             (status != "queued" && status != "running").then_some((status, error))
@@ -422,6 +443,51 @@ async fn unreadable_stored_runs_end_errored_naming_what_is_unreadable() {
         assert_eq!(error["kind"], "unreadable", "{error}");
         assert!(error["message"].as_str().unwrap().contains(what), "{error}");
     }
+}
+
+/// A schedule whose stored target no longer reads is disabled with an event; the
+/// others keep firing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_schedule_is_disabled_and_the_others_keep_firing() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    api.device("cor-dmg-1", "lab", json!({})).await;
+    let target = json!({"kind": "module", "id": "sleep", "params": {"ms": 0}, "device": {"pool": "lab"}});
+    let mut ids = Vec::new();
+    for name in ["damaged", "healthy"] {
+        let r = api.post("/api/v1/schedules", json!({"name": name, "cron": "* * * * * *", "target": target})).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        ids.push(uuid::Uuid::parse_str(r.body["id"].as_str().unwrap()).unwrap());
+    }
+    let pg = env.pg().await;
+    sqlx::query("UPDATE schedules SET target = '{\"kind\": \"teleport\"}' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pg)
+        .await
+        .unwrap();
+    let s = env.scheduler(&[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(s);
+    let fired = |id| {
+        let pg = pg.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs WHERE schedule_id = $1")
+                .bind(id)
+                .fetch_one(&pg)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(fired(ids[1]).await >= 2, "the healthy schedule kept firing");
+    assert_eq!(fired(ids[0]).await, 0);
+    let (enabled, errors): (bool, i64) = sqlx::query_as(
+        "SELECT enabled, (SELECT count(*) FROM events WHERE schedule_id = $1 AND type = 'schedule.error') FROM schedules WHERE id = $1",
+    )
+    .bind(ids[0])
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!((enabled, errors), (false, 1));
 }
 
 /// Scheduled workflows apply their `params` to the steps, as API-started ones do.

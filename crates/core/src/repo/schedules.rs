@@ -228,11 +228,12 @@ pub async fn next_due(pool: &PgPool) -> CoreResult<Option<DateTime<Utc>>> {
 }
 
 /// The next schedule with work to do, locked (`SKIP LOCKED`: another scheduler has the
-/// others): one that is due, or one whose buffered tick's blocker has ended.
-pub async fn lock_next_due(conn: &mut PgConnection) -> CoreResult<Option<Schedule>> {
-    let row = sqlx::query_as!(
-        ScheduleRow,
-        "SELECT * FROM schedules s
+/// others): one that is due, or one whose buffered tick's blocker has ended. Only its
+/// id: reading it (`lock`) may find its stored target unreadable, and that must stop
+/// this schedule only.
+pub async fn lock_next_due(conn: &mut PgConnection) -> CoreResult<Option<ScheduleId>> {
+    Ok(sqlx::query_scalar!(
+        "SELECT s.id FROM schedules s
          WHERE s.enabled AND (s.next_fire_at <= now()
                OR (s.buffered_for IS NOT NULL AND NOT EXISTS (
                    SELECT 1 FROM runs r WHERE r.schedule_id = s.id AND r.parent_run_id IS NULL
@@ -240,8 +241,20 @@ pub async fn lock_next_due(conn: &mut PgConnection) -> CoreResult<Option<Schedul
          ORDER BY s.next_fire_at LIMIT 1 FOR UPDATE SKIP LOCKED"
     )
     .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Stops a schedule from firing (it cannot: its stored data is unreadable), counting
+/// the tick as missed.
+pub async fn disable(conn: &mut PgConnection, id: ScheduleId) -> CoreResult<()> {
+    sqlx::query!(
+        "UPDATE schedules SET enabled = false, next_fire_at = NULL, buffered_for = NULL, missed_count = missed_count + 1
+         WHERE id = $1",
+        id as ScheduleId
+    )
+    .execute(&mut *conn)
     .await?;
-    Ok(row.map(Schedule::from))
+    Ok(())
 }
 
 /// A run of this schedule that is still queued or running, if any.

@@ -232,7 +232,17 @@ impl Engine {
         let mut started = 0;
         for _ in 0..100 {
             let mut tx = self.pool.begin().await?;
-            let Some(s) = schedules::lock_next_due(&mut tx).await? else { break };
+            let Some(id) = schedules::lock_next_due(&mut tx).await? else { break };
+            let s = match schedules::lock(&mut tx, id).await {
+                Ok(s) => s,
+                // One damaged schedule must not hold back the others.
+                Err(CoreError::Unreadable(problem)) => {
+                    disable(&mut tx, id, &problem).await?;
+                    tx.commit().await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let now: DateTime<Utc> =
                 sqlx::query_scalar!(r#"SELECT clock_timestamp() AS "now!""#).fetch_one(&mut *tx).await?;
             match fire(&mut tx, &s, now, grace).await {
@@ -292,7 +302,7 @@ async fn fire(
     let (expr, tz) = match timing(s) {
         Ok(t) => t,
         // Cannot happen for schedules written through the API; never loop on it.
-        Err(e) => return disable(conn, s, &e).await.map(|()| Vec::new()),
+        Err(e) => return disable(conn, s.id, &e).await.map(|()| Vec::new()),
     };
     let due = s.next_fire_at.filter(|t| *t <= now);
     let mut ticks: Vec<DateTime<Utc>> = due.into_iter().collect();
@@ -368,18 +378,10 @@ async fn carry_out(
     Ok(fired)
 }
 
-/// A stored schedule whose cron or time zone no longer reads: disabled, with a
-/// `schedule.error` event, so it is never retried in a loop.
-async fn disable(conn: &mut PgConnection, s: &Schedule, problem: &str) -> CoreResult<()> {
-    events::append(conn, EventKind::ScheduleError, Subject::schedule(s.id, None), json!({"error": problem})).await?;
-    let record = TickRecord {
-        next_fire_at: None,
-        last_fired_at: s.last_fired_at,
-        buffered_for: None,
-        fired: 0,
-        skipped: 0,
-        missed: 0,
-        enabled: false,
-    };
-    schedules::record_tick(conn, s.id, &record).await
+/// A stored schedule that no longer reads (its cron, time zone or target): disabled,
+/// with a `schedule.error` event, so it is never retried in a loop.
+async fn disable(conn: &mut PgConnection, id: ScheduleId, problem: &str) -> CoreResult<()> {
+    tracing::error!(schedule_id = %id, problem, "disabling a schedule whose stored data is unreadable");
+    events::append(conn, EventKind::ScheduleError, Subject::schedule(id, None), json!({"error": problem})).await?;
+    schedules::disable(conn, id).await
 }
