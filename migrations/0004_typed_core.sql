@@ -85,8 +85,12 @@ CREATE INDEX runs_schedule_active_idx ON runs (schedule_id) WHERE schedule_id IS
 CREATE INDEX runs_fire_lag_idx ON runs (enqueued_at) WHERE trigger = 'schedule' AND scheduled_for IS NOT NULL;
 
 -- How long a run may wait in the queue for a device, when it says (otherwise the
--- reconciler's SWITCHBOARD_MAX_QUEUE_WAIT_S applies). Counted from `queued_at`.
+-- reconciler's SWITCHBOARD_MAX_QUEUE_WAIT_S applies), counted from `waiting_since`:
+-- when the run last entered the queue (created, admitted by its campaign, requeued
+-- after an attempt, resumed while queued). `queued_at` keeps the run's age, which
+-- orders the queue.
 ALTER TABLE runs ADD COLUMN max_queue_wait_s integer CHECK (max_queue_wait_s > 0);
+ALTER TABLE runs ADD COLUMN waiting_since timestamptz NOT NULL DEFAULT now();
 
 -- The two device rules every claim, hand-off and re-dispatch applies, written once.
 -- Kept beside `Selector::matches` and `claimable` in crates/core, which state them in

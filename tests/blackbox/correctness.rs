@@ -214,6 +214,22 @@ async fn a_run_waits_no_longer_than_its_queue_wait_limit() {
     assert_eq!(api.run(patient["id"].as_str().unwrap()).await["status"], "queued");
 }
 
+/// The queue-wait clock restarts when a run goes back to the queue: time spent running
+/// is not time spent waiting for a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_wait_clock_restarts_when_a_run_is_requeued() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _s = env.scheduler(FAST);
+    let _w = env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "100")]));
+    api.device("cor-requeue-1", "lab", json!({})).await;
+    let body = json!({"params": {"ms": 3000, "outcome": "error"}, "device": {"pool": "lab"}, "max_attempts": 2, "max_queue_wait_s": 2});
+    let run = api.start("sleep", body).await;
+    let r = api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!((r["status"].as_str(), r["attempt"].as_i64()), (Some("errored"), Some(2)), "{r}");
+    assert_eq!(r["error"]["kind"], "driver_error", "the second attempt ran: {r}");
+}
+
 /// Campaign items name devices that exist, and a campaign run ends when its time
 /// budget does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -197,6 +197,13 @@ async fn a_failing_device_trips_its_breaker_gets_one_probe_and_can_be_reset() {
     // After the cooldown exactly one probe runs; it fails and the breaker re-opens longer.
     tokio::time::sleep((opened_until - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(200)).await;
     let probe = api.start("device_info", json!({"device": {"serial": "dur-brk-bad"}, "max_attempts": 1})).await;
+    // The second run is started once the first has been claimed, so the first is the
+    // probe (two deliveries at once race for the device in either order).
+    let probe_id = probe["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "the probe claimed", || async {
+        (api.run(&probe_id).await["status"] != "queued").then_some(())
+    })
+    .await;
     let second = api.start("device_info", json!({"device": {"serial": "dur-brk-bad"}, "max_attempts": 1})).await;
     let probe = api.wait_terminal(probe["id"].as_str().unwrap(), Duration::from_secs(20)).await;
     assert_eq!(probe["status"], "errored");

@@ -34,31 +34,27 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
     let timeout = Duration::from_secs(state.config.request_timeout_s.max(1));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let is_ws = req.headers().get(header::UPGRADE).is_some();
     let rid = request_id.clone();
     let mut resp = REQUEST_ID
         .scope(rid.clone(), async move {
             let started = std::time::Instant::now();
-            let resp = if is_ws {
-                next.run(req).await
-            } else {
-                // The handler runs in a task of its own: at the timeout the client gets
-                // its 503 and the handler is left to finish, never cancelled halfway
-                // (a `begin()` cancelled mid-way leaves a pooled connection inside a
-                // transaction: see `switchboard_core::db::Detached`).
-                let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)));
-                match tokio::time::timeout(timeout, &mut handler).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "a request's task failed");
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-                    }
-                    Err(_) => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("request did not complete within {} s (a dependency may be unavailable)", timeout.as_secs()),
-                    )
-                    .into_response(),
+            // The handler runs in a task of its own: at the timeout the client gets its
+            // 503, and when the client goes away the handler is left to finish; it is
+            // never cancelled halfway (a `begin()` cancelled mid-way leaves a pooled
+            // connection inside a transaction: see `switchboard_core::db::Detached`).
+            // Every request gets the timeout, whatever its headers say.
+            let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)));
+            let resp = match tokio::time::timeout(timeout, &mut handler).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a request's task failed");
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
                 }
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("request did not complete within {} s (a dependency may be unavailable)", timeout.as_secs()),
+                )
+                .into_response(),
             };
             let resp = ensure_envelope(resp, &rid).await;
             tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, request_id = %rid, "request");

@@ -92,12 +92,13 @@ pub fn ending(p: &Progress) -> Option<RunStatus> {
     if p.counts.open() > 0 {
         return None;
     }
+    // A timeout that stopped nothing (every child had succeeded by then) is no failure.
     Some(if p.cancel_requested {
         RunStatus::Cancelled
-    } else if p.timed_out {
-        RunStatus::TimedOut
     } else if p.counts.succeeded == p.counts.total {
         RunStatus::Succeeded
+    } else if p.timed_out {
+        RunStatus::TimedOut
     } else {
         RunStatus::Failed
     })
@@ -145,7 +146,9 @@ mod tests {
         assert_eq!(ending(&progress(0, 0, 0, 3, 1)), Some(RunStatus::Failed));
         let cancelled = Progress { cancel_requested: true, timed_out: true, ..progress(0, 0, 0, 3, 0) };
         assert_eq!(ending(&cancelled), Some(RunStatus::Cancelled), "a cancel wins over a timeout");
-        let late = Progress { timed_out: true, ..progress(0, 0, 0, 4, 0) };
+        let late = Progress { timed_out: true, ..progress(0, 0, 0, 3, 1) };
         assert_eq!(ending(&late), Some(RunStatus::TimedOut));
+        let done_in_time = Progress { timed_out: true, ..progress(0, 0, 0, 4, 0) };
+        assert_eq!(ending(&done_in_time), Some(RunStatus::Succeeded), "a timeout that stopped nothing");
     }
 }

@@ -96,9 +96,12 @@ impl From<sqlx::Error> for CoreError {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
                 CoreError::Conflict(format!("already exists ({})", db.constraint().unwrap_or("unique constraint")))
             }
-            // 57014: statement timeout; 55P03: lock timeout; 08xxx: connection exceptions.
+            // 57014: statement timeout; 55P03: lock timeout; 40P01: deadlock; 40001:
+            // serialization failure; 08xxx: connection exceptions. All worth a retry.
             sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| c == "57014" || c == "55P03" || c.starts_with("08")) =>
+                if db.code().is_some_and(|c| {
+                    matches!(c.as_ref(), "57014" | "55P03" | "40P01" | "40001") || c.starts_with("08")
+                }) =>
             {
                 CoreError::Unavailable(format!("postgres unavailable: {e}"))
             }

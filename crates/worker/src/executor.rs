@@ -130,7 +130,7 @@ impl Executor {
         match finished {
             Finished::Requeued { not_before } => {
                 tracing::info!(not_before = ?not_before, "attempt ended; the run is back in the queue");
-                self.deliver_at(claimed.run.id, *not_before);
+                self.deliver_at(claimed.run.id, *not_before, Duration::ZERO);
             }
             Finished::Ended(status) => {
                 tracing::info!(status = %status, "run finished");
@@ -144,11 +144,13 @@ impl Executor {
         }
     }
 
-    /// Pushes a requeued run when its backoff ends (at once for a hand-back). The fast
-    /// path: the reconciler delivers it anyway if this process dies first.
-    fn deliver_at(&self, run: RunId, at: Option<chrono::DateTime<Utc>>) {
+    /// Pushes a requeued run when its backoff ends (at once for a hand-back), and a run
+    /// delivered before its `not_before` (this host's clock ahead of Postgres') again
+    /// at that time, never sooner than `floor`. The fast path: the reconciler delivers
+    /// it anyway if this process dies first.
+    pub(crate) fn deliver_at(&self, run: RunId, at: Option<chrono::DateTime<Utc>>, floor: Duration) {
         let engine = self.engine.clone();
-        let wait = at.and_then(|t| (t - Utc::now()).to_std().ok()).unwrap_or_default();
+        let wait = at.and_then(|t| (t - Utc::now()).to_std().ok()).unwrap_or_default().max(floor);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             engine.dispatch(&[run]).await;
@@ -156,10 +158,7 @@ impl Executor {
     }
 
     /// Writes the outcome. Postgres blinking (a dropped connection, a timeout) does not
-    /// lose a verdict: the write is tried again with backoff while the lease is still
-    /// trusted (the heartbeat keeps renewing it meanwhile); a slow write is waited for,
-    /// never cancelled (see `Detached`). Past the fencing deadline it is left to the
-    /// reconciler.
+    /// lose a verdict: see `persist`.
     async fn finish(
         &self,
         claimed: &Claimed,
@@ -167,25 +166,39 @@ impl Executor {
         steps: &[RunStep],
         attempt: &Attempt,
     ) -> CoreResult<Finished> {
+        self.persist(attempt, "the outcome", || self.write(claimed, outcome, steps)).await
+    }
+
+    /// Carries out an attempt's database call until it succeeds: a transient error is
+    /// tried again with backoff and a slow call is waited for (never cancelled, see
+    /// `Detached`), while the lease is still trusted (the heartbeat keeps renewing it
+    /// meanwhile). Past the fencing deadline it gives up: the reconciler recovers the
+    /// run once its lease expires.
+    pub(crate) async fn persist<T: Send + 'static>(
+        &self,
+        attempt: &Attempt,
+        what: &str,
+        call: impl Fn() -> Detached<T>,
+    ) -> CoreResult<T> {
         let limit = (self.lease_ttl / 2).max(Duration::from_secs(1));
         let mut delay = Duration::from_millis(100);
         let mut slow = None;
         loop {
-            let mut call = slow.take().unwrap_or_else(|| self.write(claimed, outcome, steps));
-            let error = match call.wait(limit).await {
-                Some(Ok(finished)) => return Ok(finished),
+            let mut pending = slow.take().unwrap_or_else(&call);
+            let error = match pending.wait(limit).await {
+                Some(Ok(done)) => return Ok(done),
                 Some(Err(e)) if !e.is_transient() => return Err(e),
                 Some(Err(e)) => e,
                 None => {
-                    slow = Some(call);
-                    CoreError::Unavailable(format!("writing the outcome is taking longer than {limit:?}"))
+                    slow = Some(pending);
+                    CoreError::Unavailable(format!("writing {what} is taking longer than {limit:?}"))
                 }
             };
             if attempt.fenced() {
-                tracing::error!(error = %error, "could not write the outcome before the lease deadline; the reconciler will recover the run");
+                tracing::error!(error = %error, "could not write {what} before the lease deadline; the reconciler will recover the run");
                 return Err(error);
             }
-            tracing::warn!(error = %error, "could not write the outcome yet; trying again while the lease holds");
+            tracing::warn!(error = %error, "could not write {what} yet; trying again while the lease holds");
             if slow.is_none() {
                 tokio::time::sleep(delay.min(attempt.deadline().saturating_duration_since(Instant::now()))).await;
                 delay = (delay * 2).min(Duration::from_secs(2));

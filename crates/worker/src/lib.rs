@@ -198,7 +198,8 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
                 Ok(())
             }
             ClaimOutcome::NotYet(at) => {
-                tracing::debug!(run_id = %job.run_id, not_before = %at, "delivered before its retry time");
+                tracing::debug!(run_id = %job.run_id, not_before = %at, "delivered before its retry time; again then");
+                exec.deliver_at(job.run_id, Some(at), Duration::from_millis(50));
                 Ok(())
             }
             ClaimOutcome::NotClaimable => Ok(()),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::{
     executor::{Executor, lease_lost},
-    lease::Attempt,
+    lease::{Attempt, Interrupt},
 };
 
 /// What the workflow does between two steps.
@@ -71,7 +71,7 @@ pub async fn run(
     steps: &[WorkflowStep],
     attempt: &Attempt,
 ) -> CoreResult<(Outcome, Vec<RunStep>)> {
-    let previous = runs::steps(&mut *exec.pool.acquire().await?, claimed.run.id).await?;
+    let previous = exec.persist(attempt, "the run's steps", || read_steps(exec, claimed)).await?;
     let done = |i: usize| {
         previous.iter().any(|p| {
             p.index == i as i32
@@ -131,11 +131,27 @@ pub async fn run(
                 return Ok((outcome, [vec![record], skipped(steps, i + 1)].concat()));
             }
         }
-        if !runs::record_step(&exec.pool, claimed, &exec.owner, &record).await? {
+        if !save_step(exec, claimed, &record, attempt).await? {
             return Ok((lease_lost(), vec![]));
         }
     }
     Ok((passed(&statuses), vec![]))
+}
+
+/// The steps earlier attempts recorded, in a task of its own.
+fn read_steps(exec: &Executor, claimed: &Claimed) -> Detached<Vec<RunStep>> {
+    let (pool, run) = (exec.pool.clone(), claimed.run.id);
+    Detached::spawn(async move { runs::steps(&mut *pool.acquire().await?, run).await })
+}
+
+/// Records a step while this worker holds the run (`false`: it no longer does),
+/// through Postgres blinking (`Executor::persist`).
+async fn save_step(exec: &Executor, claimed: &Claimed, step: &RunStep, attempt: &Attempt) -> CoreResult<bool> {
+    exec.persist(attempt, "a step", || {
+        let (pool, owner, claimed, step) = (exec.pool.clone(), exec.owner.clone(), claimed.clone(), step.clone());
+        Detached::spawn(async move { runs::record_step(&pool, &claimed, &owner, &step).await })
+    })
+    .await
 }
 
 /// Before step `i`: honours a cancel and a pause (waiting while paused), checking the
@@ -150,7 +166,7 @@ async fn between_steps(
     let mut slow: Option<Detached<Renewal>> = None;
     loop {
         if attempt.interrupt.is_cancelled() {
-            return Ok(Between::Stop(lease_lost(), vec![]));
+            return Ok(interrupted(exec, steps, i, attempt));
         }
         let mut check = slow.take().unwrap_or_else(|| {
             let (pool, owner, ttl) = (exec.pool.clone(), exec.owner.clone(), exec.lease_ttl);
@@ -197,6 +213,25 @@ async fn between_steps(
     }
 }
 
+/// The attempt was interrupted before step `i`: a cancel ends it `cancelled` (the steps
+/// left skipped), a stopping worker hands it back, a lost lease writes nothing.
+fn interrupted(exec: &Executor, steps: &[WorkflowStep], i: usize, attempt: &Attempt) -> Between {
+    match attempt.reason() {
+        Some(Interrupt::Cancelled) => {
+            let error = RunError::new(ErrorKind::Cancelled, format!("cancelled before step {i}"));
+            let outcome =
+                Outcome { ending: Ending::Cancelled, result: None, error: Some(error), touched_device: false };
+            Between::Stop(outcome, skipped(steps, i))
+        }
+        Some(Interrupt::Shutdown) => {
+            let error = RunError::new(ErrorKind::WorkerStopping, "handed back between steps").by_worker(&exec.owner);
+            let outcome = Outcome { ending: Ending::HandBack, result: None, error: Some(error), touched_device: false };
+            Between::Stop(outcome, vec![])
+        }
+        _ => Between::Stop(lease_lost(), vec![]),
+    }
+}
+
 /// Runs step `i` under the shorter of its own budget and what is left of the run's;
 /// `None` when the run is no longer ours.
 async fn run_step(
@@ -219,7 +254,7 @@ async fn run_step(
         result: None,
         error: None,
     };
-    if !runs::record_step(&exec.pool, claimed, &exec.owner, &record).await? {
+    if !save_step(exec, claimed, &record, attempt).await? {
         return Ok(None);
     }
     let Some(module) = catalog::find(&step.module) else {

@@ -183,7 +183,7 @@ async fn admit(conn: &mut PgConnection, parent: RunId, n: i64) -> CoreResult<Vec
         "WITH picked AS MATERIALIZED (
             SELECT id FROM runs WHERE parent_run_id = $1 AND held AND status = 'queued'
             ORDER BY parent_index LIMIT $2 FOR UPDATE)
-         UPDATE runs SET held = false, queued_at = clock_timestamp(), updated_at = now()
+         UPDATE runs SET held = false, queued_at = clock_timestamp(), waiting_since = clock_timestamp(), updated_at = now()
          FROM picked WHERE runs.id = picked.id
          RETURNING runs.id",
         parent as RunId,

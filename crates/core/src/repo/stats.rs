@@ -27,7 +27,8 @@ pub struct QueueCounts {
 pub async fn queue_counts(pool: &PgPool) -> CoreResult<QueueCounts> {
     let r = sqlx::query!(
         r#"SELECT
-            count(*) FILTER (WHERE status = 'queued' AND NOT held AND kind <> 'campaign') AS "queued!",
+            count(*) FILTER (WHERE status = 'queued' AND NOT held AND NOT paused AND kind <> 'campaign'
+                             AND (not_before IS NULL OR not_before <= now())) AS "queued!",
             count(*) FILTER (WHERE status = 'queued' AND not_before > now()) AS "waiting_for_retry!",
             count(*) FILTER (WHERE status = 'queued' AND held) AS "held!",
             count(*) FILTER (WHERE status = 'running' AND kind <> 'campaign') AS "running!"

@@ -166,16 +166,13 @@ impl Engine {
             return Err(CoreError::Conflict(format!("run {id} is already {status}; a terminal run never changes")));
         }
         let run = runs::get(&self.pool, id).await?;
-        if run.kind == RunKind::Campaign {
-            self.advance_campaign(id).await?;
-        } else {
-            if let Some(parent) = run.parent_run_id {
-                self.advance_campaign(parent).await?;
-            }
-            if outcome == CancelOutcome::Requested {
-                self.signal(&[id]).await;
-            }
+        if run.kind != RunKind::Campaign && outcome == CancelOutcome::Requested {
+            self.signal(&[id]).await;
         }
+        // The cancel is committed: moving the campaign on is the reconciler's to repeat
+        // if it fails here, not a reason to answer an error.
+        let campaign = if run.kind == RunKind::Campaign { Some(id) } else { run.parent_run_id };
+        self.after_ended(campaign.as_slice()).await;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let run = runs::get(&self.pool, id).await?;

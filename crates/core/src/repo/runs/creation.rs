@@ -111,6 +111,7 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
                 parent_index, status, started_at, queued_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
                     CASE WHEN $19 = 'running'::run_status THEN now() END, clock_timestamp())
+            -- waiting_since: its default, now()
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *),
          e AS (INSERT INTO events (type, run_id, schedule_id, data) SELECT $20, r.id, r.schedule_id, $21 FROM r)

@@ -78,11 +78,12 @@ pub(crate) struct RunRow {
     pub held: bool,
     pub parent_index: Option<i32>,
     pub max_queue_wait_s: Option<i32>,
+    pub waiting_since: DateTime<Utc>,
 }
 
 impl From<RunRow> for Run {
     fn from(r: RunRow) -> Run {
-        let _ = (r.cancel_requested, r.dispatched_at, r.held, r.parent_index);
+        let _ = (r.cancel_requested, r.dispatched_at, r.held, r.parent_index, r.waiting_since);
         Run {
             id: r.id,
             kind: r.kind,

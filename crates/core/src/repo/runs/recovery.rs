@@ -111,9 +111,10 @@ pub async fn waiting_for_device(pool: &PgPool, device: DeviceId, limit: i64) -> 
 }
 
 /// Ends queued runs that waited for a device longer than their queue-wait limit (their
-/// own `max_queue_wait_s`, else `default_wait`), counted from `queued_at`. A paused
-/// run waits for a person, not a device, and a held child for its campaign: neither
-/// counts.
+/// own `max_queue_wait_s`, else `default_wait`), counted from when they last entered
+/// the queue (`waiting_since`) or, for a retry backing off, from its `not_before`. A
+/// paused run waits for a person, not a device, and a held child for its campaign:
+/// neither counts.
 pub async fn abandon_overdue(pool: &PgPool, default_wait: Duration, limit: i64) -> CoreResult<Vec<Ended>> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query!(
@@ -121,7 +122,7 @@ pub async fn abandon_overdue(pool: &PgPool, default_wait: Duration, limit: i64) 
                   COALESCE(max_queue_wait_s::float8, $1) AS "waited_s!"
            FROM runs
            WHERE status = 'queued' AND kind <> 'campaign' AND NOT held AND NOT paused
-             AND queued_at + make_interval(secs => COALESCE(max_queue_wait_s::float8, $1)) < now()
+             AND GREATEST(waiting_since, not_before) + make_interval(secs => COALESCE(max_queue_wait_s::float8, $1)) < now()
            ORDER BY queued_at LIMIT $2 FOR UPDATE SKIP LOCKED"#,
         default_wait.as_secs_f64(),
         limit,
@@ -144,7 +145,10 @@ pub async fn abandon_overdue(pool: &PgPool, default_wait: Duration, limit: i64) 
 /// In the caller's transaction, after `device` was deleted or retired: ends the queued
 /// runs it could serve that no remaining device could ever serve (every match deleted
 /// or retired), naming their selector. Offline and maintenance devices may come back,
-/// so runs keep waiting for those (up to their queue-wait limit).
+/// so runs keep waiting for those (up to their queue-wait limit). Runs another
+/// transaction holds are skipped (`SKIP LOCKED`, so a delete never waits on a run while
+/// holding its device: no lock cycle with a finishing worker); one being claimed is not
+/// stuck, and one left queued ends at its queue-wait limit.
 pub async fn abandon_unservable(conn: &mut PgConnection, device: DeviceId) -> CoreResult<Vec<Ended>> {
     let rows = sqlx::query!(
         r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held,
@@ -154,7 +158,7 @@ pub async fn abandon_unservable(conn: &mut PgConnection, device: DeviceId) -> Co
              AND selector_matches(r.selector, d)
              AND NOT EXISTS (SELECT 1 FROM devices o WHERE o.id <> d.id AND o.status <> 'retired'
                              AND selector_matches(r.selector, o))
-           ORDER BY r.id FOR UPDATE OF r"#,
+           ORDER BY r.id FOR UPDATE OF r SKIP LOCKED"#,
         device as DeviceId
     )
     .fetch_all(&mut *conn)

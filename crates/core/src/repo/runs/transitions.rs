@@ -118,6 +118,7 @@ pub(crate) async fn requeue(
             UPDATE runs SET status = 'queued', attempt = attempt + 1,
                 max_attempts = max_attempts + CASE WHEN $2 THEN 0 ELSE 1 END,
                 lease_owner = NULL, lease_expires_at = NULL, finished_at = clock_timestamp(), dispatched_at = NULL,
+                waiting_since = clock_timestamp(),
                 not_before = CASE WHEN $3::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $3) END,
                 error = $4, updated_at = now()
             WHERE id = $1 AND status = 'running'
@@ -188,11 +189,18 @@ pub(crate) async fn request_cancel(conn: &mut PgConnection, ids: &[RunId], reaso
     .await?)
 }
 
-/// Sets a workflow's `paused` flag, with `run.paused` or `run.resumed`.
+/// Sets a workflow's `paused` flag, with `run.paused` or `run.resumed`. A run resumed
+/// while queued starts waiting for a device again (its queue-wait clock restarts).
 pub(crate) async fn set_paused(conn: &mut PgConnection, run: &Locked, paused: bool) -> CoreResult<()> {
-    sqlx::query!("UPDATE runs SET paused = $2, updated_at = now() WHERE id = $1", run.id as RunId, paused)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE runs SET paused = $2, updated_at = now(),
+            waiting_since = CASE WHEN status = 'queued' AND NOT $2 THEN clock_timestamp() ELSE waiting_since END
+         WHERE id = $1",
+        run.id as RunId,
+        paused
+    )
+    .execute(&mut *conn)
+    .await?;
     let kind = if paused { EventKind::RunPaused } else { EventKind::RunResumed };
     events::append(conn, kind, Subject::run(run.id, run.device_id), json!({})).await?;
     Ok(())
