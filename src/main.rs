@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use switchboard_core::{
-    config::{ApiConfig, CommonConfig, SchedulerConfig, WorkerConfig},
+    config::{AgentConfig, ApiConfig, CommonConfig, SchedulerConfig, WorkerConfig},
     db,
     model::{DeviceStatus, Driver},
     repo::devices::{self, NewDevice},
@@ -42,6 +42,12 @@ enum Command {
         common: CommonConfig,
         #[command(flatten)]
         scheduler: SchedulerConfig,
+    },
+    /// The agent for a machine with phones plugged in: registers with the API,
+    /// heartbeats with its adb devices, and runs the modules workers send it.
+    HostAgent {
+        #[command(flatten)]
+        agent: AgentConfig,
     },
     /// Create the database if missing and apply migrations.
     Migrate {
@@ -82,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Scheduler { common, scheduler } => {
             telemetry::init(&common.log_format);
             switchboard_scheduler::run(common, scheduler, shutdown::on_signal()).await
+        }
+        Command::HostAgent { agent } => {
+            telemetry::init(&agent.log_format);
+            switchboard_worker::agent::run(agent, shutdown::on_signal()).await
         }
         Command::Migrate { common } => {
             telemetry::init(&common.log_format);
@@ -156,6 +166,14 @@ async fn dev(
         "    curl -s -X POST http://{addr}/api/v1/modules/ping/runs -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"params\": {{\"host\": \"8.8.8.8\", \"count\": 4}}, \"device\": {{\"pool\": \"sim\"}}}}'"
     );
     println!("  Then: curl -s http://{addr}/api/v1/runs/<id> -H 'Authorization: Bearer {token}'");
+    if worker.adb_discover {
+        println!(
+            "  adb discovery is on: phones `adb devices` lists join pool {:?} (device: {{\"serial\": \"<serial>\"}}).",
+            worker.adb_pool
+        );
+    } else {
+        println!("  Real phones: SWITCHBOARD_ADB_DISCOVER=true adds what `adb devices` lists (docs/drivers.md).");
+    }
     println!();
     let stop = shutdown::on_signal();
     let (a, w, s) = tokio::join!(

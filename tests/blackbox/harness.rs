@@ -513,3 +513,113 @@ pub type SpansByDevice =
 pub fn ts(v: &Value) -> chrono::DateTime<chrono::Utc> {
     v.as_str().expect("timestamp").parse().expect("rfc3339")
 }
+
+/// The fake `adb` (tests/fake_adb/adb) with this test's own phones: a state file the
+/// test writes and changes, and the log of every command the phones ran.
+pub struct FakeAdb {
+    pub state: PathBuf,
+}
+
+impl FakeAdb {
+    /// Phones from `devices` (`{"SERIAL": {overrides}}`, see the fake's defaults).
+    pub fn new(env: &Env, devices: Value) -> FakeAdb {
+        let state = env.log_dir.join(format!("adb-{}.json", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let fake = FakeAdb { state };
+        fake.update(json!({"devices": devices}));
+        fake
+    }
+
+    pub fn path() -> String {
+        format!("{}/tests/fake_adb/adb", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Deep-merges a patch into the fake's state.
+    pub fn update(&self, patch: Value) {
+        let out = Command::new(Self::path())
+            .arg("__fake_update")
+            .arg(patch.to_string())
+            .env("FAKE_ADB_STATE", &self.state)
+            .output()
+            .expect("run the fake adb");
+        assert!(out.status.success(), "fake adb update: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Changes one phone.
+    pub fn set(&self, serial: &str, patch: Value) {
+        self.update(json!({"devices": {serial: patch}}));
+    }
+
+    /// Every entry of the fake's log (commands run, SMS sent, hung calls).
+    pub fn log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.state.with_extension("json.log")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// The device commands (argv) phone `serial` ran.
+    pub fn commands(&self, serial: &str) -> Vec<Vec<String>> {
+        self.log()
+            .into_iter()
+            .filter(|e| e["serial"] == serial && e["argv"].is_array())
+            .map(|e| serde_json::from_value(e["argv"].clone()).unwrap())
+            .collect()
+    }
+
+    /// What a worker or an agent needs to use it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SWITCHBOARD_ADB_PATH".into(), Self::path()),
+            ("FAKE_ADB_STATE".into(), self.state.display().to_string()),
+            ("SWITCHBOARD_ADB_POLL_MS".into(), "100".into()),
+            ("SWITCHBOARD_ADB_TIMEOUT_S".into(), "10".into()),
+        ]
+    }
+}
+
+/// `env` as borrowed pairs, plus `more`.
+pub fn pairs<'a>(env: &'a [(String, String)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(more.iter().cloned()).collect()
+}
+
+/// Whether a process is gone (or a zombie nobody reaped).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A `switchboard host-agent` process and its base URL.
+pub struct Agent {
+    pub proc: Proc,
+    pub base: String,
+}
+
+impl Env {
+    /// Starts `switchboard host-agent` against `api` and waits for its address.
+    pub fn agent(&self, api: &Api, env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(bin());
+        cmd.arg("host-agent")
+            .env("SWITCHBOARD_SERVER_URL", &api.base)
+            .env("SWITCHBOARD_TOKEN", ADMIN_TOKEN)
+            .env("SWITCHBOARD_AGENT_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", std::env::var("SB_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(self.log_file("agent"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn host-agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("switchboard host-agent listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(20)).expect("agent did not report its address");
+        Agent { proc: Proc { child: Some(child), name: "agent".into() }, base }
+    }
+}

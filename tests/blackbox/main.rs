@@ -5,5 +5,7 @@ mod correctness;
 mod durability;
 mod foundation;
 mod harness;
+mod hosts;
 mod orchestration;
+mod phones;
 mod scheduling;

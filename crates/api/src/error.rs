@@ -89,6 +89,7 @@ impl From<CoreError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_details(json!({"fields": fields}))
             }
             CoreError::BadRequest(m) => ApiError::bad_request(m),
+            CoreError::Unauthorized(m) => ApiError::unauthorized(m),
             CoreError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             CoreError::Redis(m) => {
                 tracing::warn!(error = %m, "redis error");

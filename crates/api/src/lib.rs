@@ -61,12 +61,17 @@ pub fn router(state: AppState) -> Router {
         .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
         .route("/devices/{id}/runs", get(devices::runs))
         .route("/devices/{id}/breaker/reset", post(devices::reset_breaker))
+        .route("/hosts", get(hosts::list))
+        .route("/hosts/register", post(hosts::register))
+        .route("/hosts/{id}", get(hosts::get).delete(hosts::delete))
         .route("/modules", get(modules::list))
         .route("/modules/{id}", get(modules::get))
         .route("/modules/{id}/runs", post(modules::start))
         .route("/runs", get(runs::list))
         .route("/runs/{id}", get(runs::get))
         .route("/runs/{id}/events", get(runs::events))
+        .route("/runs/{id}/captures", get(runs::captures))
+        .route("/runs/{id}/captures/{capture_id}", get(runs::capture))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/runs/{id}/pause", post(runs::pause))
         .route("/runs/{id}/resume", post(runs::resume))
@@ -81,7 +86,9 @@ pub fn router(state: AppState) -> Router {
         .route("/schedules/{id}", get(schedules::get).patch(schedules::update).delete(schedules::delete))
         .route("/schedules/{id}/preview", get(schedules::preview))
         .route("/schedules/{id}/trigger", post(schedules::trigger))
-        .route_layer(from_fn_with_state(state.clone(), middleware::require_token));
+        .route_layer(from_fn_with_state(state.clone(), middleware::require_token))
+        // Added after the token layer: an agent authenticates with its host secret.
+        .route("/hosts/{id}/heartbeat", post(hosts::heartbeat));
     let app = Router::new()
         .route("/health", get(health::live))
         .route("/health/full", get(health::full))
@@ -200,6 +207,7 @@ mod tests {
             cors_origins: String::new(),
             request_timeout_s: 5,
             max_body_bytes: 1024,
+            host_timeout_s: 30,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();

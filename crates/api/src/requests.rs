@@ -19,6 +19,8 @@ use switchboard_core::{
     repo::{
         campaigns::{CampaignInput, DEFAULT_MAX_PARALLEL, MAX_ITEMS},
         devices::{DevicePatch, NewDevice, check_sim_metadata},
+        hosts::NewHost,
+        presence::Listed,
         workflows::{MAX_STEPS, WorkflowInput, check_step},
     },
     selector::Selector,
@@ -293,6 +295,8 @@ pub struct DevicePatchBody {
     #[serde(default)]
     status: Field<DeviceStatus>,
     #[serde(default)]
+    status_reason: Field<String>,
+    #[serde(default)]
     host_id: Field<HostId>,
     #[serde(default)]
     metadata: Field<Map<String, Value>>,
@@ -304,7 +308,8 @@ impl TryFrom<DevicePatchBody> for DevicePatch {
     type Error = CoreError;
     fn try_from(b: DevicePatchBody) -> CoreResult<DevicePatch> {
         let mut p = Problems::new();
-        b.unknown.check(&["name", "platform", "model", "pool", "labels", "status", "host_id", "metadata"], &mut p);
+        let known = ["name", "platform", "model", "pool", "labels", "status", "status_reason", "host_id", "metadata"];
+        b.unknown.check(&known, &mut p);
         let patch_text = |f: Field<String>, name: &str, max: usize, p: &mut Problems| {
             f.patch(name, p).and_then(|s| p.take(validation::text(name, &s, max)))
         };
@@ -315,11 +320,160 @@ impl TryFrom<DevicePatchBody> for DevicePatch {
             pool: patch_text(b.pool, "pool", 128, &mut p),
             labels: b.labels.patch("labels", &mut p).and_then(|l| p.take(validation::labels("labels", &l))),
             status: b.status.patch("status", &mut p),
+            status_reason: b.status_reason.clearable("status_reason", &mut p).and_then(|r| match r {
+                Some(r) => p.take(validation::text("status_reason", &r, 500)).map(Some),
+                None => Some(None),
+            }),
             host_id: b.host_id.clearable("host_id", &mut p),
             metadata: metadata(b.metadata, &mut p, true),
         };
         p.finish()?;
         Ok(patch)
+    }
+}
+
+/// The most devices one host report may list.
+pub const MAX_REPORTED_DEVICES: usize = 512;
+
+/// Devices a host reports: `[{serial, state?, model?, product?, device?, usb?}]`
+/// (`state` defaults to `device`, ready).
+fn reported(field: Field<Vec<Value>>, p: &mut Problems) -> Option<Vec<Listed>> {
+    let raw = field.optional("devices", p)?;
+    if raw.len() > MAX_REPORTED_DEVICES {
+        p.add("devices", format!("must list at most {MAX_REPORTED_DEVICES} devices (got {})", raw.len()));
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, v) in raw.into_iter().enumerate() {
+        let at = format!("devices[{i}]");
+        let mut v = v;
+        if let Some(o) = v.as_object_mut() {
+            o.entry("state").or_insert_with(|| Value::String("device".into()));
+        }
+        match serde_json::from_value::<Listed>(v) {
+            Ok(l) => {
+                let long = [
+                    Some(&l.serial),
+                    Some(&l.state),
+                    l.model.as_ref(),
+                    l.product.as_ref(),
+                    l.device.as_ref(),
+                    l.usb.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .any(|t| t.chars().count() > 200 || t.contains('\0'));
+                if l.serial.trim().is_empty() || long {
+                    p.add(at, "serial must be non-empty, and every field at most 200 characters without NUL");
+                } else {
+                    out.push(l);
+                }
+            }
+            Err(e) => p.add(at, format!("must be {{serial, state?, model?, product?, device?, usb?}} ({e})")),
+        }
+    }
+    Some(out)
+}
+
+/// An agent URL: `http://` or `https://`, no spaces.
+fn agent_url(field: Field<String>, p: &mut Problems) -> Option<String> {
+    let url = field.required("url", p, "the agent's base URL, http://host:port")?;
+    let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        && url.len() <= 2048
+        && url.len() > "http://".len()
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        p.add("url", "must be an http:// or https:// URL without spaces, at most 2048 characters");
+        return None;
+    }
+    Some(url)
+}
+
+/// `POST /hosts/register`.
+#[derive(Debug, Deserialize)]
+pub struct RegisterBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    url: Field<String>,
+    #[serde(default)]
+    capabilities: Field<Vec<String>>,
+    #[serde(default)]
+    pool: Field<String>,
+    #[serde(default)]
+    devices: Field<Vec<Value>>,
+    #[serde(default)]
+    agent_version: Field<String>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// A registration: the host, and the devices it sees (`None`: it did not say).
+#[derive(Debug)]
+pub struct Registration {
+    /// The host.
+    pub host: NewHost,
+    /// Its devices.
+    pub devices: Option<Vec<Listed>>,
+}
+
+impl RegisterBody {
+    /// Validates the body; `timeout_s` is the server's host timeout.
+    pub fn into_registration(self, timeout_s: u32) -> CoreResult<Registration> {
+        let mut p = Problems::new();
+        self.unknown.check(&["name", "url", "capabilities", "pool", "devices", "agent_version"], &mut p);
+        let name = self
+            .name
+            .required("name", &mut p, "a unique host name")
+            .and_then(|n| p.take(validation::text("name", &n, 128)));
+        let url = agent_url(self.url, &mut p);
+        let capabilities = self
+            .capabilities
+            .optional("capabilities", &mut p)
+            .and_then(|c| p.take(validation::labels("capabilities", &c)))
+            .unwrap_or_default();
+        let pool = text(self.pool, "pool", 128, &mut p).unwrap_or_else(|| "default".into());
+        let agent_version = text(self.agent_version, "agent_version", 64, &mut p);
+        let devices = reported(self.devices, &mut p);
+        p.finish()?;
+        let (Some(name), Some(url)) = (name, url) else { return Err(unchecked("a host")) };
+        let heartbeat_timeout_s = timeout_s.clamp(1, i32::MAX as u32) as i32;
+        Ok(Registration {
+            host: NewHost { name, url, capabilities, pool, heartbeat_timeout_s, agent_version },
+            devices,
+        })
+    }
+}
+
+/// `POST /hosts/{id}/heartbeat`.
+#[derive(Debug, Deserialize)]
+pub struct HeartbeatBody {
+    #[serde(default)]
+    devices: Field<Vec<Value>>,
+    #[serde(default)]
+    agent_version: Field<String>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// A heartbeat: the agent's version, and the devices it sees (`None`: no report).
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// The agent's version.
+    pub agent_version: Option<String>,
+    /// Its devices.
+    pub devices: Option<Vec<Listed>>,
+}
+
+impl TryFrom<HeartbeatBody> for Heartbeat {
+    type Error = CoreError;
+    fn try_from(b: HeartbeatBody) -> CoreResult<Heartbeat> {
+        let mut p = Problems::new();
+        b.unknown.check(&["devices", "agent_version"], &mut p);
+        let agent_version = text(b.agent_version, "agent_version", 64, &mut p);
+        let devices = reported(b.devices, &mut p);
+        p.finish()?;
+        Ok(Heartbeat { agent_version, devices })
     }
 }
 

@@ -151,6 +151,7 @@ mod tests {
             (error(DeviceUnreachable), Effect::Failure),
             (error(DriverError), Effect::Failure),
             (error(DriverUnavailable), Effect::Neutral),
+            (error(Unsupported), Effect::Neutral),
             (error(Interrupted), Effect::Neutral),
             ((Ending::Cancelled, Some(Cancelled)), Effect::Neutral),
             ((Ending::HandBack, Some(WorkerStopping)), Effect::Neutral),

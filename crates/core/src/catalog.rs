@@ -44,9 +44,9 @@ pub fn builtin() -> &'static [ModuleSpec] {
                 description: "ICMP ping from the device to a host; fails when packet loss exceeds max_loss_pct.",
                 category: "network",
                 params_schema: obj(json!({
-                    "host": {"type": "string", "minLength": 1, "maxLength": 253, "default": "8.8.8.8", "description": "host name or address to ping"},
+                    "host": {"type": "string", "minLength": 1, "maxLength": 253, "format": "hostname", "default": "8.8.8.8", "description": "host name, IPv4 or IPv6 address to ping"},
                     "count": {"type": "integer", "minimum": 1, "maximum": 100, "default": 4},
-                    "interval_ms": {"type": "integer", "minimum": 100, "maximum": 10000, "default": 1000},
+                    "interval_ms": {"type": "integer", "minimum": 200, "maximum": 10000, "default": 1000, "description": "Android's ping refuses intervals under 200 ms to non-root users"},
                     "max_loss_pct": {"type": "number", "minimum": 0, "maximum": 100, "default": 0, "description": "highest packet loss that still passes"}
                 }), &[]),
                 default_timeout_s: 60,
@@ -74,7 +74,7 @@ pub fn builtin() -> &'static [ModuleSpec] {
                 default_timeout_s: 30,
                 max_attempts: 3,
                 touches_device: true,
-                result_fields: &["mobile_data", "changed", "network_type"],
+                result_fields: &["mobile_data", "changed", "verified", "data_state"],
             },
             ModuleSpec {
                 id: "wifi",
@@ -83,7 +83,7 @@ pub fn builtin() -> &'static [ModuleSpec] {
                 category: "radio",
                 params_schema: obj(json!({
                     "enabled": {"type": "boolean"},
-                    "ssid": {"type": "string", "minLength": 1, "maxLength": 32}
+                    "ssid": {"type": "string", "minLength": 1, "maxLength": 32, "format": "ssid", "description": "when enabling: the network the device must join (checked on Android 11+)"}
                 }), &["enabled"]),
                 default_timeout_s: 60,
                 max_attempts: 3,
@@ -93,17 +93,17 @@ pub fn builtin() -> &'static [ModuleSpec] {
             ModuleSpec {
                 id: "send_sms",
                 name: "Send SMS",
-                description: "Sends an SMS and, by default, waits for the delivery report.",
+                description: "Sends an SMS and, by default, confirms it from the device's SMS provider; says unsupported where the device offers no method.",
                 category: "messaging",
                 params_schema: obj(json!({
-                    "to": {"type": "string", "minLength": 3, "maxLength": 20, "description": "recipient number, E.164 preferred"},
+                    "to": {"type": "string", "minLength": 3, "maxLength": 21, "format": "phone", "description": "recipient number: an optional '+' then digits"},
                     "body": {"type": "string", "minLength": 1, "maxLength": 918},
-                    "expect_delivery": {"type": "boolean", "default": true}
+                    "expect_delivery": {"type": "boolean", "default": true, "description": "confirm the message from the device's SMS provider before passing"}
                 }), &["to", "body"]),
                 default_timeout_s: 120,
                 max_attempts: 3,
                 touches_device: true,
-                result_fields: &["message_id", "segments", "delivered", "delivery_ms"],
+                result_fields: &["message_id", "segments", "sent", "delivered"],
             },
             ModuleSpec {
                 id: "voice_call",
@@ -111,7 +111,7 @@ pub fn builtin() -> &'static [ModuleSpec] {
                 description: "Places a voice call, holds it for duration_s and hangs up; fails if it does not connect or drops.",
                 category: "voice",
                 params_schema: obj(json!({
-                    "to": {"type": "string", "minLength": 3, "maxLength": 20},
+                    "to": {"type": "string", "minLength": 3, "maxLength": 21, "format": "phone"},
                     "duration_s": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 10}
                 }), &["to"]),
                 default_timeout_s: 600,
@@ -133,18 +133,18 @@ pub fn builtin() -> &'static [ModuleSpec] {
             ModuleSpec {
                 id: "device_info",
                 name: "Device info",
-                description: "Reads the device's model, OS version, battery and network operator.",
+                description: "Reads the device's model, OS version, build, battery and signal strength.",
                 category: "device",
                 params_schema: obj(json!({}), &[]),
                 default_timeout_s: 30,
                 max_attempts: 3,
                 touches_device: true,
-                result_fields: &["model", "manufacturer", "os_version", "api_level", "battery_pct", "network_operator"],
+                result_fields: &["model", "manufacturer", "os_version", "api_level", "fingerprint", "battery", "signal"],
             },
             ModuleSpec {
                 id: "capture_logs",
                 name: "Capture logs",
-                description: "Captures the device log buffer for duration_s seconds.",
+                description: "Captures the device log (threadtime format) for duration_s seconds; the excerpt is stored with the run, bounded.",
                 category: "diagnostics",
                 params_schema: obj(json!({
                     "duration_s": {"type": "integer", "minimum": 1, "maximum": 600, "default": 10},
@@ -153,7 +153,7 @@ pub fn builtin() -> &'static [ModuleSpec] {
                 default_timeout_s: 660,
                 max_attempts: 3,
                 touches_device: true,
-                result_fields: &["buffer", "lines", "bytes"],
+                result_fields: &["buffer", "lines", "bytes", "truncated", "capture"],
             },
             ModuleSpec {
                 id: "sleep",

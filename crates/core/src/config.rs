@@ -63,6 +63,10 @@ pub struct ApiConfig {
     /// Largest request body accepted (bytes).
     #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
+    /// A host agent silent this long goes offline with its devices (seconds); set on
+    /// each host when it registers.
+    #[arg(long, env = "SWITCHBOARD_HOST_TIMEOUT_S", default_value_t = 30)]
+    pub host_timeout_s: u32,
 }
 
 impl ApiConfig {
@@ -102,6 +106,79 @@ pub struct WorkerConfig {
     /// Longest retry delay (seconds).
     #[arg(long, env = "SWITCHBOARD_RETRY_MAX_S", default_value_t = 300)]
     pub retry_max_s: u64,
+    /// Register what `adb devices -l` lists on this machine, and follow it (new phones
+    /// join, vanished ones go offline, and come back when seen again).
+    #[arg(long, env = "SWITCHBOARD_ADB_DISCOVER", default_value = "false", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub adb_discover: bool,
+    /// How often discovery runs `adb devices -l` (seconds).
+    #[arg(long, env = "SWITCHBOARD_ADB_DISCOVER_INTERVAL_S", default_value_t = 5)]
+    pub adb_discover_interval_s: u64,
+    /// The pool discovered phones join.
+    #[arg(long, env = "SWITCHBOARD_ADB_POOL", default_value = "default")]
+    pub adb_pool: String,
+    /// The adb driver's settings.
+    #[command(flatten)]
+    pub adb: AdbConfig,
+}
+
+/// Settings of the adb driver (the worker's and the host agent's).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdbConfig {
+    /// The adb executable (a name is looked up on PATH).
+    #[arg(long, env = "SWITCHBOARD_ADB_PATH", default_value = "adb")]
+    pub adb_path: String,
+    /// The longest one adb call may take (seconds); a module makes several, each under
+    /// the module's own timeout too.
+    #[arg(long, env = "SWITCHBOARD_ADB_TIMEOUT_S", default_value_t = 20)]
+    pub adb_timeout_s: u64,
+    /// How often state is polled while a module waits: a boot, a call, a delivery
+    /// report (milliseconds).
+    #[arg(long, env = "SWITCHBOARD_ADB_POLL_MS", default_value_t = 1000)]
+    pub adb_poll_ms: u64,
+    /// The largest capture (logcat excerpt) stored with a run (bytes); longer ones keep
+    /// their newest part and say `truncated`.
+    #[arg(long, env = "SWITCHBOARD_CAPTURE_MAX_BYTES", default_value_t = 1_048_576)]
+    pub capture_max_bytes: usize,
+}
+
+/// Settings of `switchboard host-agent`, the process on the machine the phones are
+/// plugged into.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentConfig {
+    /// The Switchboard API the agent registers with (`http://switchboard:8080`).
+    #[arg(long, env = "SWITCHBOARD_SERVER_URL")]
+    pub server_url: String,
+    /// A token allowed to register hosts (an admin token).
+    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// This host's name (unique); the machine's hostname by default.
+    #[arg(long, env = "SWITCHBOARD_HOST_NAME")]
+    pub name: Option<String>,
+    /// Where the agent listens for executions.
+    #[arg(long, env = "SWITCHBOARD_AGENT_ADDR", default_value = "0.0.0.0:7070")]
+    pub listen: String,
+    /// The URL workers use to reach this agent; `http://HOSTNAME:PORT` by default.
+    #[arg(long, env = "SWITCHBOARD_AGENT_URL")]
+    pub advertise_url: Option<String>,
+    /// The pool this host's new phones join.
+    #[arg(long, env = "SWITCHBOARD_HOST_POOL", default_value = "default")]
+    pub pool: String,
+    /// What the host offers, comma-separated.
+    #[arg(long, env = "SWITCHBOARD_HOST_CAPABILITIES", default_value = "adb")]
+    pub capabilities: String,
+    /// Where the agent keeps its host id and secret between restarts.
+    #[arg(long, env = "SWITCHBOARD_AGENT_STATE", default_value = "switchboard-agent.json")]
+    pub state_file: String,
+    /// Seconds between heartbeats (keep well under the server's host timeout).
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_S", default_value_t = 5)]
+    pub heartbeat_s: u64,
+    /// `text` or `json` logs.
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// The adb driver's settings.
+    #[command(flatten)]
+    pub adb: AdbConfig,
 }
 
 impl WorkerConfig {

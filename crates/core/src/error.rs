@@ -25,6 +25,9 @@ pub enum CoreError {
         /// Every bad field.
         fields: FieldErrors,
     },
+    /// A credential that is missing or wrong (401): a host agent's secret.
+    #[error("{0}")]
+    Unauthorized(String),
     /// Input that cannot be read at all (400).
     #[error("{0}")]
     BadRequest(String),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{Postgres, postgres::PgTypeInfo};
 
-use crate::ids::{DeviceId, EventId, RunId, ScheduleId};
+use crate::ids::{DeviceId, EventId, HostId, RunId, ScheduleId};
 
 macro_rules! event_kinds {
     ($($(#[$m:meta])* $variant:ident => $text:literal),+ $(,)?) => {
@@ -71,6 +71,17 @@ event_kinds!(
     DeviceBreakerOpened => "device.breaker_opened",
     /// A device's breaker closed.
     DeviceBreakerClosed => "device.breaker_closed",
+    /// A device went offline or came back (discovery, host liveness): `data.status`,
+    /// `data.reason`, `data.source`.
+    DeviceStatusChanged => "device.status_changed",
+    /// A host agent registered (or registered again).
+    HostRegistered => "host.registered",
+    /// A host's heartbeats came back.
+    HostOnline => "host.online",
+    /// A host fell silent past its timeout.
+    HostOffline => "host.offline",
+    /// A host was deleted.
+    HostDeleted => "host.deleted",
     /// A schedule tick started a run.
     ScheduleFired => "schedule.fired",
     /// A tick was skipped (overlap).
@@ -123,12 +134,14 @@ pub struct Subject {
     pub device_id: Option<DeviceId>,
     /// The schedule.
     pub schedule_id: Option<ScheduleId>,
+    /// The host.
+    pub host_id: Option<HostId>,
 }
 
 impl Subject {
     /// About a run (on a device, if any).
     pub fn run(run_id: RunId, device_id: Option<DeviceId>) -> Subject {
-        Subject { run_id: Some(run_id), device_id, schedule_id: None }
+        Subject { run_id: Some(run_id), device_id, ..Default::default() }
     }
 
     /// About a device.
@@ -136,9 +149,14 @@ impl Subject {
         Subject { device_id: Some(device_id), ..Default::default() }
     }
 
+    /// About a host (and one of its devices, if any).
+    pub fn host(host_id: HostId, device_id: Option<DeviceId>) -> Subject {
+        Subject { host_id: Some(host_id), device_id, ..Default::default() }
+    }
+
     /// About a schedule (and the run it started, if any).
     pub fn schedule(schedule_id: ScheduleId, run_id: Option<RunId>) -> Subject {
-        Subject { schedule_id: Some(schedule_id), run_id, device_id: None }
+        Subject { schedule_id: Some(schedule_id), run_id, ..Default::default() }
     }
 }
 
@@ -158,6 +176,8 @@ pub struct Event {
     pub device_id: Option<DeviceId>,
     /// The schedule it is about.
     pub schedule_id: Option<ScheduleId>,
+    /// The host it is about.
+    pub host_id: Option<HostId>,
     /// Details, by kind.
     pub data: Value,
 }

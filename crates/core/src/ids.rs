@@ -57,6 +57,8 @@ uuid_id!(
     ScheduleId,
     /// A remote host agent.
     HostId,
+    /// A capture (log excerpt) stored with a run.
+    CaptureId,
 );
 
 /// An event's position in the events table (a sequence: ids only grow).

@@ -136,6 +136,29 @@ impl DeviceStatus {
 }
 
 db_enum!(
+    /// Who set a device's status last: discovery and host liveness only move the
+    /// devices whose status they set (or that are online).
+    StatusSource as "device_status_source" {
+        /// An operator (the API), or nobody yet.
+        Operator => "operator",
+        /// A worker's adb discovery.
+        Discovery => "discovery",
+        /// Host liveness, or the host agent's own device report.
+        Host => "host",
+    }
+);
+
+db_enum!(
+    /// Whether a host agent's heartbeats arrive.
+    HostStatus as "host_status" {
+        /// Heartbeats arrive.
+        Online => "online",
+        /// Silent past its timeout (or never heard from).
+        Offline => "offline",
+    }
+);
+
+db_enum!(
     /// How a device is driven.
     Driver as "device_driver" {
         /// A simulated device (`metadata.sim`).
@@ -260,6 +283,11 @@ pub struct Device {
     pub host_id: Option<HostId>,
     /// Whether it may be given runs.
     pub status: DeviceStatus,
+    /// Why it has that status, when something other than an operator said so (`not
+    /// listed by adb devices`, `host lab-3 is offline`), or the operator's own note.
+    pub status_reason: Option<String>,
+    /// Who set the status last.
+    pub status_source: StatusSource,
     /// Its circuit breaker.
     pub breaker: Breaker,
     /// The run holding it, if any.
@@ -267,6 +295,35 @@ pub struct Device {
     /// Free-form settings (`metadata.sim` for simulated devices).
     pub metadata: Value,
     /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A remote host agent: a machine with phones plugged in, running `switchboard host-agent`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    /// Its id.
+    pub id: HostId,
+    /// Unique name.
+    pub name: String,
+    /// Where the agent listens (`http://lab-3:7070`); workers send executions there.
+    pub url: String,
+    /// What it offers (`adb`, ...).
+    pub capabilities: Vec<String>,
+    /// The pool its reported devices join when they are new.
+    pub pool: String,
+    /// Whether its heartbeats arrive.
+    pub status: HostStatus,
+    /// Why it is offline.
+    pub status_reason: Option<String>,
+    /// Silent this long, it goes offline with its devices.
+    pub heartbeat_timeout_s: i32,
+    /// Its last heartbeat (or registration).
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// The agent's version, as it said.
+    pub agent_version: Option<String>,
+    /// When it first registered.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,

@@ -14,6 +14,9 @@ pub enum ErrorKind {
     /// This deployment has no driver for the device: a configuration error, never
     /// counted against the device.
     DriverUnavailable,
+    /// The device offers no way to carry the module out (its Android version, its
+    /// permissions): never retried, never counted against the device.
+    Unsupported,
     /// The module was interrupted for no recorded reason.
     Interrupted,
     /// The run's or a step's time budget ran out.

@@ -2,7 +2,8 @@
 //!
 //! The catalog's schemas use a small, well-defined subset of JSON Schema (draft 2020-12):
 //! `type`, `properties`, `required`, `additionalProperties: false`, `enum`, `minimum`,
-//! `maximum`, `minLength`, `maxLength`, `items`, `minItems`, `maxItems` and `default`.
+//! `maximum`, `minLength`, `maxLength`, `format` (the strict formats of `formats`), `items`,
+//! `minItems`, `maxItems` and `default`.
 //! This validator implements exactly that subset, so every error can name the field
 //! (`params.count`) and say what is wrong. A schema keyword outside the subset is a bug in
 //! the catalog, caught by the catalog's unit test.
@@ -22,6 +23,7 @@ pub const SUPPORTED_KEYWORDS: &[&str] = &[
     "maximum",
     "minLength",
     "maxLength",
+    "format",
     "items",
     "minItems",
     "maxItems",
@@ -72,6 +74,12 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut FieldErr
                 && len > max
             {
                 errors.insert(path.to_string(), format!("must be at most {max} characters long"));
+            }
+            if let Some(format) = schema.get("format").and_then(Value::as_str)
+                && !errors.contains_key(path)
+                && let Some(why) = crate::formats::check(format, s)
+            {
+                errors.insert(path.to_string(), why);
             }
         }
         Value::Array(items) => {

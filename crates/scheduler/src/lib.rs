@@ -119,6 +119,10 @@ async fn reconcile_loop(engine: &Engine, me: &str, cfg: &SchedulerConfig, shutdo
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying next interval"),
         }
+        // Host liveness: a host silent past its timeout goes offline with its devices.
+        if let Err(e) = engine.sweep_hosts().await {
+            tracing::warn!(error = %e, "host liveness pass failed; retrying next interval");
+        }
         // Bounded Redis memory: trim finished deliveries, 500 at a time.
         match engine.queue.trim(500, 40, Duration::from_secs(600)).await {
             Ok(n) if n > 0 => tracing::debug!(removed = n, "trimmed finished deliveries from redis"),

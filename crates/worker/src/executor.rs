@@ -19,7 +19,10 @@ use switchboard_core::{
     ids::{DeviceId, RunId},
     lifecycle::Ending,
     model::{RunStep, StepStatus},
-    repo::runs::{self, Claimed, FinishPolicy, Finished, Outcome},
+    repo::{
+        captures::{self, NewCapture},
+        runs::{self, Claimed, FinishPolicy, Finished, Outcome},
+    },
     run_error::{ErrorKind, RunError},
     service::Engine,
 };
@@ -28,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    drivers::{DriverError, Drivers, ModuleCall, Verdict},
+    drivers::{Capture, Captures, DriverError, Drivers, ModuleCall, Verdict},
     lease::{self, Attempt, Interrupt},
 };
 
@@ -224,10 +227,7 @@ impl Executor {
         let module = catalog::find(module_id);
         let result = match module {
             None => Some(Err(DriverError::Unknown(module_id.to_string()))),
-            Some(m) => tokio::select! {
-                r = self.call(claimed, m, params, attempt.interrupt.clone()) => Some(r),
-                _ = tokio::time::sleep(budget) => None,
-            },
+            Some(m) => self.call_timed(claimed, m, params, attempt, budget, 0).await,
         };
         let timeout = format!("run exceeded its timeout of {} s", claimed.run.timeout_s);
         let touched = module.is_none_or(|m| m.touches_device);
@@ -275,20 +275,70 @@ impl Executor {
                 }
                 Some(Interrupt::LeaseLost | Interrupt::Fenced) => (lease_lost(), StepStatus::Errored),
                 None => {
-                    let retryable = !matches!(e, DriverError::Unknown(_));
+                    let retryable = e.retryable();
                     (out(Ending::Error { retryable }, None, Some(e.to_run_error())), StepStatus::Errored)
                 }
             },
         }
     }
 
+    /// Calls the module under `limit` (`None`: it ran out of time), then stores the
+    /// captures it left, as step `step` of this attempt.
+    pub(crate) async fn call_timed(
+        &self,
+        claimed: &Claimed,
+        module: &'static catalog::ModuleSpec,
+        params: &Value,
+        attempt: &Attempt,
+        limit: Duration,
+        step: usize,
+    ) -> Option<Result<Verdict, DriverError>> {
+        let captures = Captures::default();
+        let deadline = Instant::now() + limit;
+        let result = tokio::select! {
+            r = self.call(claimed, module, params, attempt.interrupt.clone(), deadline, captures.clone()) => Some(r),
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        self.store_captures(claimed, step, attempt, captures.take()).await;
+        result
+    }
+
+    /// Stores a step's captures. A capture that cannot be stored is logged; it does not
+    /// change the verdict.
+    async fn store_captures(&self, claimed: &Claimed, step: usize, attempt: &Attempt, captures: Vec<Capture>) {
+        if captures.is_empty() {
+            return;
+        }
+        let rows: Vec<NewCapture> = captures
+            .into_iter()
+            .map(|c| NewCapture {
+                name: c.name,
+                content_type: c.content_type,
+                data: c.text.into_bytes(),
+                truncated: c.truncated,
+            })
+            .collect();
+        let (run, try_no) = (claimed.run.id, claimed.attempt);
+        let stored = self
+            .persist(attempt, "captures", || {
+                let (pool, rows) = (self.pool.clone(), rows.clone());
+                Detached::spawn(async move { captures::insert(&pool, run, step as i32, try_no, &rows).await })
+            })
+            .await;
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, step, "could not store the step's captures");
+        }
+    }
+
     /// Calls the module: `sleep` everywhere, anything else through the device's driver.
-    pub(crate) async fn call(
+    async fn call(
         &self,
         claimed: &Claimed,
         module: &'static catalog::ModuleSpec,
         params: &Value,
         cancel: CancellationToken,
+        deadline: Instant,
+        captures: Captures,
     ) -> Result<Verdict, DriverError> {
         if module.id == "sleep" {
             return crate::drivers::sleep(params, cancel).await;
@@ -304,6 +354,8 @@ impl Executor {
                 module,
                 params,
                 cancel,
+                deadline,
+                captures,
             })
             .await
     }

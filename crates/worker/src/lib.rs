@@ -2,6 +2,8 @@
 //! Postgres, executes the module through its driver, writes the outcome, and hands the
 //! freed device to the best waiting run.
 
+pub mod agent;
+pub mod discovery;
 pub mod drivers;
 pub mod executor;
 pub mod lease;
@@ -16,7 +18,7 @@ use apalis_core::backend::ext::{BackendExt, poll_strategy::Strategy};
 use apalis_redis::RedisStorage;
 use serde_json::json;
 use switchboard_core::{
-    config::{CommonConfig, WorkerConfig},
+    config::{AdbConfig, CommonConfig, WorkerConfig},
     db, ids,
     model::ProcessRole,
     queue::{self, Keys, Queue, RunJob},
@@ -29,7 +31,15 @@ use switchboard_core::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{drivers::Drivers, executor::Executor, wake::WakeHub};
+use crate::{
+    drivers::{
+        Drivers,
+        adb::{AdbDriver, AdbSettings},
+        host::HostDriver,
+    },
+    executor::Executor,
+    wake::WakeHub,
+};
 
 /// State every apalis handler invocation sees.
 #[derive(Clone)]
@@ -56,6 +66,11 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
     let (wake, control) = (keys.wake_channel(), keys.control_channel());
     tokio::spawn(hub.clone().listen(common.redis_url.clone(), wake, control, background.clone()));
     tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
+    if cfg.adb_discover {
+        let interval = Duration::from_secs(cfg.adb_discover_interval_s.max(1));
+        let (engine, adb) = (shared.exec.engine.clone(), adb_driver(&cfg.adb));
+        tokio::spawn(discovery::run(engine, adb, cfg.adb_pool.clone(), interval, background.clone()));
+    }
 
     let consumer = Consumer {
         shared: shared.clone(),
@@ -91,7 +106,7 @@ fn executor(pool: &sqlx::PgPool, queue: Queue, owner: &str, common: &CommonConfi
         pool: pool.clone(),
         engine: Engine::new(pool.clone(), queue),
         owner: owner.to_string(),
-        drivers: Drivers::builtin(),
+        drivers: Drivers::new(adb_driver(&cfg.adb), Some(HostDriver::new(pool.clone()))),
         lease_ttl: common.lease_ttl(),
         policy: FinishPolicy {
             breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
@@ -102,6 +117,18 @@ fn executor(pool: &sqlx::PgPool, queue: Queue, owner: &str, common: &CommonConfi
         stopping: CancellationToken::new(),
         inflight: Default::default(),
     }
+}
+
+/// The adb driver with its settings.
+pub fn adb_driver(cfg: &AdbConfig) -> AdbDriver {
+    AdbDriver::new(
+        &cfg.adb_path,
+        AdbSettings {
+            call_timeout: Duration::from_secs(cfg.adb_timeout_s.max(1)),
+            capture_max_bytes: cfg.capture_max_bytes.max(1024),
+            poll: Duration::from_millis(cfg.adb_poll_ms.max(10)),
+        },
+    )
 }
 
 /// Stops taking work at `shutdown`, waits `grace` for the runs in flight, then hands

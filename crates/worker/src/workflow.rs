@@ -277,10 +277,7 @@ async fn run_step(
     } else {
         (run_left, format!("run exceeded its timeout of {} s during step {i}", claimed.run.timeout_s))
     };
-    let result = tokio::select! {
-        r = exec.call(claimed, module, &step.params, attempt.interrupt.clone()) => Some(r),
-        _ = tokio::time::sleep(limit) => None,
-    };
+    let result = exec.call_timed(claimed, module, &step.params, attempt, limit, i).await;
     let (outcome, status) = exec.outcome_of(attempt, result, &msg, module.touches_device);
     record.status = status;
     record.finished_at = Some(Utc::now());

@@ -4,6 +4,7 @@
 pub mod campaigns;
 pub mod devices;
 pub mod health;
+pub mod hosts;
 pub mod metrics;
 pub mod modules;
 pub mod runs;

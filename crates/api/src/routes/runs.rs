@@ -12,11 +12,11 @@ use axum::{
 use serde::Serialize;
 use switchboard_core::{
     events::Event,
-    ids::{EventId, RunId},
+    ids::{CaptureId, EventId, RunId},
     model::Run,
     pagination::Page,
     repo::{
-        events,
+        captures, events,
         runs::{self, RunFilter},
     },
 };
@@ -120,4 +120,39 @@ pub async fn retry(
     let failed_only = body::<RetryBody>(&headers, &bytes)?.failed_only()?;
     let started = state.engine.retry(id, failed_only, idempotency_key(&headers)?).await?;
     Ok(crate::started(started))
+}
+
+/// A run's captures.
+#[derive(Debug, Serialize)]
+pub struct CaptureList {
+    /// Oldest first, without their bytes.
+    pub items: Vec<captures::CaptureInfo>,
+}
+
+/// `GET /runs/{id}/captures`: what the run's modules stored (logcat excerpts, ...).
+pub async fn captures(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<CaptureList>> {
+    let id: RunId = path_id("run", &id)?;
+    if !runs::exists(&state.engine.pool, id).await? {
+        return Err(ApiError::not_found(format!("run {id} not found")));
+    }
+    Ok(Json(CaptureList { items: captures::list(&state.engine.pool, id).await? }))
+}
+
+/// `GET /runs/{id}/captures/{capture_id}`: the capture itself, with its media type.
+pub async fn capture(
+    State(state): State<AppState>,
+    Path((id, capture_id)): Path<(String, String)>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let id: RunId = path_id("run", &id)?;
+    let capture_id: CaptureId = path_id("capture", &capture_id)?;
+    let (info, data) = captures::get(&state.engine.pool, id, capture_id).await?;
+    // The name came from the module (`logcat-main.txt`); quotes are dropped all the same.
+    let disposition = format!("inline; filename=\"{}\"", info.name.replace(['"', '\\', '\r', '\n'], ""));
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, info.content_type),
+        (axum::http::header::CONTENT_DISPOSITION, disposition),
+        (axum::http::HeaderName::from_static("x-capture-truncated"), info.truncated.to_string()),
+    ];
+    Ok((headers, data).into_response())
 }

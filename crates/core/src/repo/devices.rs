@@ -12,7 +12,7 @@ use crate::{
     breaker::{self, BreakerRow, Effect, Transition},
     events::{EventKind, Subject},
     ids::{DeviceId, HostId, RunId},
-    model::{Breaker, BreakerState, Device, DeviceStatus, Driver, Lease},
+    model::{Breaker, BreakerState, Device, DeviceStatus, Driver, Lease, StatusSource},
     pagination::{Cursor, Page},
     repo::events,
     selector::Selector,
@@ -30,6 +30,8 @@ struct DeviceRow {
     driver: Driver,
     host_id: Option<HostId>,
     status: DeviceStatus,
+    status_reason: Option<String>,
+    status_source: StatusSource,
     breaker_state: BreakerState,
     breaker_failures: i32,
     breaker_open_until: Option<DateTime<Utc>>,
@@ -56,6 +58,8 @@ impl From<DeviceRow> for Device {
             driver: r.driver,
             host_id: r.host_id,
             status: r.status,
+            status_reason: r.status_reason,
+            status_source: r.status_source,
             breaker: Breaker {
                 state: r.breaker_state,
                 consecutive_failures: r.breaker_failures,
@@ -110,8 +114,11 @@ pub struct DevicePatch {
     pub pool: Option<String>,
     /// New labels.
     pub labels: Option<Vec<String>>,
-    /// New status.
+    /// New status (set by an operator).
     pub status: Option<DeviceStatus>,
+    /// The operator's note on the status (`Some(None)` clears it). A new status
+    /// without a note clears the old reason.
+    pub status_reason: Option<Option<String>>,
     /// New host (`Some(None)` clears it).
     pub host_id: Option<Option<HostId>>,
     /// New metadata (replaces the old).
@@ -243,6 +250,9 @@ pub async fn update(conn: &mut PgConnection, id: DeviceId, p: &DevicePatch) -> C
             status = COALESCE($8, status),
             host_id = CASE WHEN $9 THEN $10 ELSE host_id END,
             metadata = COALESCE($11, metadata),
+            status_reason = CASE WHEN $12 THEN $13 WHEN $8::device_status IS NOT NULL THEN NULL
+                                 ELSE status_reason END,
+            status_source = CASE WHEN $8::device_status IS NOT NULL OR $12 THEN 'operator' ELSE status_source END,
             updated_at = now()
          WHERE id = $1 RETURNING *",
         id as DeviceId,
@@ -256,6 +266,8 @@ pub async fn update(conn: &mut PgConnection, id: DeviceId, p: &DevicePatch) -> C
         p.host_id.is_some(),
         p.host_id.flatten() as Option<HostId>,
         p.metadata,
+        p.status_reason.is_some(),
+        p.status_reason.clone().flatten(),
     )
     .fetch_optional(&mut *conn)
     .await
@@ -453,7 +465,8 @@ pub(crate) async fn release(
             Transition::Closed => EventKind::DeviceBreakerClosed,
         };
         let data = json!({"consecutive_failures": next.failures, "open_until": next.open_until, "trips": next.trips});
-        events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), schedule_id: None }, data).await?;
+        events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), ..Default::default() }, data)
+            .await?;
     }
     Ok(())
 }

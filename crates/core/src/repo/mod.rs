@@ -4,8 +4,11 @@
 
 pub mod campaign_runs;
 pub mod campaigns;
+pub mod captures;
 pub mod devices;
 pub mod events;
+pub mod hosts;
+pub mod presence;
 pub mod processes;
 pub mod runs;
 pub mod schedules;

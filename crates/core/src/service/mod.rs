@@ -8,10 +8,12 @@
 //! second, so nothing accepted is ever only in Redis.
 
 mod devices;
+mod hosts;
 mod reconcile;
 mod runs;
 mod schedules;
 
+pub use hosts::HostReport;
 pub use reconcile::{ReconcileSettings, Reconciled};
 pub use runs::{StartCampaign, StartModule, StartWorkflow, Started};
 pub use schedules::{NewSchedule, SchedulePatch, Upcoming};

@@ -4,15 +4,19 @@
 //! `DriverError` (infrastructure: the device could not be reached or driven). Only the
 //! latter is retried and counts against the device's breaker.
 //!
-//! This build ships the `sim` driver. Devices registered with `adb` or `host` are
-//! accepted by the registry; until their drivers land, running a device module on them
-//! ends in an infrastructure error that says so (`sleep` runs everywhere).
+//! Three drivers: `sim` (simulated phones), `adb` (phones on this machine's adb) and
+//! `host` (phones behind a remote `switchboard host-agent`, which runs the same `adb`
+//! code). `sleep` runs everywhere without a driver.
 
+pub mod adb;
+pub mod host;
 pub mod sim;
 
-use std::{collections::HashMap, sync::Arc};
-
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
@@ -48,6 +52,10 @@ pub enum DriverError {
     /// The module is not in this worker's catalog (a version mismatch).
     #[error("module {0:?} is not in this worker's catalog")]
     Unknown(String),
+    /// The device offers no way to do this (its Android version, its permissions):
+    /// not retried, not counted against the device.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// The module was interrupted (cancel, lost lease, shutdown).
     #[error("interrupted")]
     Interrupted,
@@ -60,9 +68,47 @@ impl DriverError {
             DriverError::Unreachable(_) => ErrorKind::DeviceUnreachable,
             DriverError::Driver(_) | DriverError::Unknown(_) => ErrorKind::DriverError,
             DriverError::Unavailable(_) => ErrorKind::DriverUnavailable,
+            DriverError::Unsupported(_) => ErrorKind::Unsupported,
             DriverError::Interrupted => ErrorKind::Interrupted,
         };
         RunError::new(kind, self.to_string())
+    }
+
+    /// Whether another attempt may succeed (on this device after a backoff, or on
+    /// another one).
+    pub fn retryable(&self) -> bool {
+        !matches!(self, DriverError::Unknown(_) | DriverError::Unsupported(_))
+    }
+}
+
+/// A file a module produced (a logcat excerpt), stored with the run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Capture {
+    /// Its file name (`logcat-main.txt`).
+    pub name: String,
+    /// Its media type.
+    pub content_type: String,
+    /// Its text (captures are text: logs, dumps).
+    pub text: String,
+    /// Whether it was cut at the capture cap.
+    pub truncated: bool,
+}
+
+/// Where a module call leaves its captures; the executor stores them with the step.
+#[derive(Debug, Clone, Default)]
+pub struct Captures(Arc<Mutex<Vec<Capture>>>);
+
+impl Captures {
+    /// Keeps a capture.
+    pub fn push(&self, c: Capture) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(c);
+        }
+    }
+
+    /// Takes every capture kept so far.
+    pub fn take(&self) -> Vec<Capture> {
+        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
     }
 }
 
@@ -80,6 +126,18 @@ pub struct ModuleCall<'a> {
     pub params: &'a Value,
     /// Cancelled when the run is cancelled, loses its lease or the worker stops.
     pub cancel: CancellationToken,
+    /// When the module's time is up (the call is dropped then): waits inside a
+    /// module (a boot, a delivery report) end a little before, with a verdict.
+    pub deadline: tokio::time::Instant,
+    /// Where the module leaves its captures.
+    pub captures: Captures,
+}
+
+impl ModuleCall<'_> {
+    /// The time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(tokio::time::Instant::now())
+    }
 }
 
 /// How a kind of device carries modules out.
@@ -95,10 +153,15 @@ pub struct Drivers {
 }
 
 impl Drivers {
-    /// The drivers of this build.
-    pub fn builtin() -> Drivers {
+    /// The drivers of this build: `sim` always, `adb` through the given adb, and
+    /// `host` over HTTP to agents found in `pool`'s `hosts` table.
+    pub fn new(adb: adb::AdbDriver, hosts: Option<host::HostDriver>) -> Drivers {
         let mut by_kind: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         by_kind.insert(DriverKind::Sim, Arc::new(sim::SimDriver));
+        by_kind.insert(DriverKind::Adb, Arc::new(adb));
+        if let Some(h) = hosts {
+            by_kind.insert(DriverKind::Host, Arc::new(h));
+        }
         Drivers { by_kind }
     }
 

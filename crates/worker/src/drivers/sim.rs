@@ -92,7 +92,7 @@ fn simulate(
             let enabled = p["enabled"].as_bool().unwrap_or(false);
             let mut r = json!({module: enabled, "changed": true, "verified": !fail});
             if module == "mobile_data" {
-                r["network_type"] = json!(if enabled && !fail { "LTE" } else { "none" });
+                r["data_state"] = json!(if enabled && !fail { "connected" } else { "disconnected" });
             }
             if fail {
                 r["reason"] = json!(format!("{module} state did not change to {enabled}"));
@@ -112,7 +112,9 @@ fn simulate(
             let body = p["body"].as_str().unwrap_or("");
             let segments = body.chars().count().div_ceil(153).max(1);
             let mut r = json!({"message_id": format!("sim-{:08x}", rng.u32(..)), "to": p["to"], "segments": segments,
-                               "delivered": !fail, "delivery_ms": if fail { Value::Null } else { json!(800 + rng.u64(0..2500)) }});
+                               "sent": true, "delivered": !fail,
+                               "delivery_status": if fail { "pending" } else { "delivered" },
+                               "delivery_ms": if fail { Value::Null } else { json!(800 + rng.u64(0..2500)) }});
             if fail {
                 r["reason"] = json!("no delivery report before the timeout");
             }
@@ -136,15 +138,23 @@ fn simulate(
         }
         "device_info" => {
             let model = device.model.clone().unwrap_or_else(|| "Pixel 8".to_string());
+            let level = 40 + rng.u8(0..60);
             let r = json!({"serial": device.serial, "model": model, "manufacturer": manufacturer(&model),
                            "platform": device.platform, "os_version": "14", "api_level": 34,
-                           "battery_pct": 40 + rng.u8(0..60), "network_operator": "SIM-NET"});
+                           "fingerprint": format!("sim/{}/sim:14/UQ1A.240205.004/1:user/release-keys", device.serial),
+                           "battery": {"level_pct": level, "status": "discharging", "health": "good",
+                                       "temperature_c": 29.5, "voltage_mv": 4012, "plugged": "none"},
+                           "battery_pct": level,
+                           "signal": {"technology": "lte", "dbm": -80 - rng.i64(0..30), "level": 3},
+                           "network_operator": "SIM-NET"});
             verdict(r)
         }
         "capture_logs" => {
             let duration = p["duration_s"].as_u64().unwrap_or(10);
             let lines = duration * (50 + rng.u64(0..150));
-            let mut r = json!({"buffer": p["buffer"].as_str().unwrap_or("main"), "lines": lines, "bytes": lines * 96});
+            let buffer = p["buffer"].as_str().unwrap_or("main");
+            let mut r = json!({"buffer": buffer, "lines": lines, "bytes": lines * 96, "truncated": false,
+                               "capture": null, "errors": 0, "fatal": 0, "crashes": u64::from(fail)});
             if fail {
                 r["reason"] = json!("crash found in log buffer");
             }
@@ -178,6 +188,7 @@ mod tests {
         serde_json::from_value(json!({
             "id": uuid::Uuid::new_v4(), "serial": "sim-1", "name": "sim-1", "platform": "android", "model": "Pixel 8",
             "pool": "default", "labels": [], "driver": "sim", "host_id": null, "status": "online",
+            "status_reason": null, "status_source": "operator",
             "breaker": {"state": "closed", "consecutive_failures": 0, "open_until": null}, "lease": null,
             "metadata": metadata, "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
         }))
@@ -196,6 +207,8 @@ mod tests {
                 module: spec,
                 params: &params,
                 cancel: Default::default(),
+                deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+                captures: Default::default(),
             })
             .await
     }

@@ -142,7 +142,8 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
     .await?;
     let Some(run) = row.map(Run::from) else { return Ok(None) };
     if status == RunStatus::Running {
-        let subject = crate::events::Subject { run_id: Some(run.id), schedule_id: run.schedule_id, device_id: None };
+        let subject =
+            crate::events::Subject { run_id: Some(run.id), schedule_id: run.schedule_id, ..Default::default() };
         events::append(conn, EventKind::RunStarted, subject, json!({"attempt": run.attempt})).await?;
     }
     Ok(Some(run))
