@@ -34,4 +34,7 @@ CREATE TABLE run_captures (
 CREATE INDEX run_captures_run_idx ON run_captures (run_id, created_at);
 
 ALTER TABLE events ADD COLUMN host_id uuid;
+-- The host a run's attempt ran through (its device's host when claimed): kept as
+-- history, so no foreign key.
+ALTER TABLE runs ADD COLUMN host_id uuid;
 CREATE INDEX events_host_idx ON events (host_id, id) WHERE host_id IS NOT NULL;

@@ -94,6 +94,34 @@ async fn a_run_goes_through_a_host_agent_and_every_call_is_authenticated() {
     let r = api.post("/api/v1/hosts/register", json!({"name": "x", "url": "ftp://nope"})).await;
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert!(r.body["error"]["details"]["fields"]["url"].is_string());
+
+    // The run shows the host it went through.
+    assert_eq!(run["host_id"], id.as_str(), "{run}");
+
+    // SIGTERM mid-call: the agent stops the call at once and exits 0.
+    let run = api
+        .start(
+            "voice_call",
+            json!({"device": {"serial": "HOST1"}, "params": {"to": "112", "duration_s": 30}, "max_attempts": 1}),
+        )
+        .await;
+    eventually(Duration::from_secs(10), "the call to be up", || async {
+        adb.commands("HOST1").iter().any(|c| c[0] == "am").then_some(())
+    })
+    .await;
+    let mut agent = agent;
+    agent.proc.sigterm();
+    assert_eq!(
+        agent.proc.wait_exit(Duration::from_secs(5)),
+        Some(Some(0)),
+        "a clean stop, without waiting for the call"
+    );
+    let run = api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "errored", "{run}");
+    eventually(Duration::from_secs(5), "the call hung up", || async {
+        adb.commands("HOST1").iter().any(|c| c.join(" ") == "input keyevent KEYCODE_ENDCALL").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -174,9 +202,4 @@ async fn a_killed_agent_takes_its_host_offline_and_comes_back_when_restarted() {
         .await
         .unwrap();
     assert!(kinds.contains(&"device.status_changed".to_string()), "{kinds:?}");
-
-    // SIGTERM: a clean stop.
-    agent.proc.sigterm();
-    let mut agent = agent;
-    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(Some(0)));
 }

@@ -185,8 +185,9 @@ async fn device_modules_read_the_phone_reboot_it_and_capture_its_log() {
     assert_eq!(run["status"], "succeeded", "{run}");
     let r = result(&run);
     assert_eq!((r["rebooted"].as_bool(), r["waited"].as_bool()), (Some(true), Some(true)));
-    // The fake phone is gone 0.6 s, offline 0.6 s, booting 1.2 s.
-    assert!(r["boot_ms"].as_u64().unwrap() >= 2400, "{r}");
+    // The fake phone still answers from the old boot for 0.5 s (sys.boot_completed=1),
+    // then is gone 0.6 s, offline 0.6 s, booting 1.2 s: a new boot id or nothing.
+    assert!(r["boot_ms"].as_u64().unwrap() >= 2900, "{r}");
     assert!(started.elapsed() < Duration::from_secs(20));
     let log = lab.adb.log();
     assert!(log.iter().any(|e| e["serial"] == "DEV1" && e["adb"] == "reboot"), "adb -s DEV1 reboot");
@@ -309,42 +310,45 @@ async fn nothing_reaches_the_phone_shell_but_the_argument_itself() {
     assert_eq!(runs.body["items"].as_array().unwrap().len(), 1, "the refused runs were not stored");
 }
 
+/// The breaker of one phone, by serial.
+async fn breaker(api: &Api, serial: &str) -> Value {
+    let phones = api.get("/api/v1/devices?limit=500").await.body["items"].as_array().cloned().unwrap_or_default();
+    phones.into_iter().find(|d| d["serial"] == serial).map(|d| d["breaker"].clone()).unwrap_or(Value::Null)
+}
+
 #[tokio::test]
-async fn adb_failures_are_infrastructure_errors_that_open_the_breaker() {
-    let lab = lab(
-        json!({"GONE": {"state": "absent"}, "OFF1": {"state": "offline"}, "UNAU": {"state": "unauthorized"},
-                         "CLSD": {"close_next": true}, "OFF2": {"state": "offline"}}),
-        &[("SWITCHBOARD_BREAKER_THRESHOLD", "3")],
-    )
-    .await;
-    for serial in ["GONE", "OFF1", "UNAU", "CLSD", "OFF2"] {
+async fn adb_failures_are_infrastructure_errors_retried_and_counted_by_the_breaker() {
+    let phones = json!({"GONE": {"state": "absent"}, "OFF1": {"state": "offline"}, "UNAU": {"state": "unauthorized"},
+                        "CLSD": {"close_next": true}});
+    let lab = lab(phones, &[("SWITCHBOARD_BREAKER_THRESHOLD", "3")]).await;
+    for serial in ["GONE", "OFF1", "UNAU", "CLSD"] {
         lab.phone(serial).await;
     }
     let expect = [
         ("GONE", "adb: device 'GONE' not found"),
         ("OFF1", "adb: device offline"),
         ("UNAU", "adb: device unauthorized: accept the USB debugging prompt on the phone"),
-        ("CLSD", "adb: the connection to the device closed (error: closed)"),
     ];
-    for (serial, message) in expect {
-        let run = lab.run("device_info", serial, json!({})).await;
-        assert_eq!(
-            (run["status"].as_str(), run["error"]["kind"].as_str()),
-            (Some("errored"), Some("device_unreachable")),
-            "{run}"
-        );
-        assert!(run["error"]["message"].as_str().unwrap().contains(message), "{serial}: {run}");
+    // Each is retried (three attempts) and each attempt counts: the breaker opens.
+    let mut runs = Vec::new();
+    for (serial, _) in expect {
+        let run = lab.api.start("device_info", json!({"device": {"serial": serial}, "max_attempts": 3})).await;
+        runs.push(run["id"].as_str().unwrap().to_string());
     }
-    // Retried, and counted: three attempts on a phone that stays offline open its breaker.
-    let run = lab.api.start("ping", json!({"device": {"serial": "OFF2"}, "max_attempts": 3})).await;
+    for ((serial, message), id) in expect.iter().zip(&runs) {
+        let run = lab.api.wait_terminal(id, Duration::from_secs(30)).await;
+        let error = (run["status"].as_str(), run["error"]["kind"].as_str(), run["attempt"].as_i64());
+        assert_eq!(error, (Some("errored"), Some("device_unreachable"), Some(3)), "{run}");
+        assert!(run["error"]["message"].as_str().unwrap().contains(message), "{serial}: {run}");
+        assert_eq!(breaker(&lab.api, serial).await["state"], "open", "{serial}");
+    }
+    // `error: closed` was one dropped connection: the retry works.
+    let run = lab.api.start("device_info", json!({"device": {"serial": "CLSD"}, "max_attempts": 3})).await;
     let run = lab.api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(30)).await;
-    assert_eq!((run["status"].as_str(), run["attempt"].as_i64()), (Some("errored"), Some(3)), "{run}");
-    let phones = lab.api.get("/api/v1/devices?pool=lab").await.body["items"].as_array().unwrap().clone();
-    let off = phones.iter().find(|d| d["serial"] == "OFF2").unwrap();
-    assert_eq!(off["breaker"]["state"], "open", "{off}");
-    // `error: closed` was one dropped connection: the next call works.
-    let run = lab.run("device_info", "CLSD", json!({})).await;
-    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!((run["status"].as_str(), run["attempt"].as_i64()), (Some("succeeded"), Some(2)), "{run}");
+    let requeued = lab.api.events(run["id"].as_str().unwrap()).await;
+    let why = requeued.iter().find(|e| e["type"] == "run.requeued").expect("a retry");
+    assert!(why["data"].to_string().contains("error: closed"), "{why}");
     drop(lab);
 
     // No adb at all: a driver error, retried and counted like the others.
@@ -353,14 +357,12 @@ async fn adb_failures_are_infrastructure_errors_that_open_the_breaker() {
     let _worker = env.worker(&with(FAST, &[("SWITCHBOARD_ADB_PATH", "/nonexistent/adb")]));
     let r = api.post("/api/v1/devices", json!({"serial": "X1", "driver": "adb"})).await;
     assert_eq!(r.status, 201);
-    let run = api.start("ping", json!({"device": {"serial": "X1"}, "max_attempts": 1})).await;
-    let run = api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(20)).await;
-    assert_eq!(
-        (run["status"].as_str(), run["error"]["kind"].as_str()),
-        (Some("errored"), Some("driver_error")),
-        "{run}"
-    );
+    let run = api.start("ping", json!({"device": {"serial": "X1"}, "max_attempts": 3})).await;
+    let run = api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let error = (run["status"].as_str(), run["error"]["kind"].as_str(), run["attempt"].as_i64());
+    assert_eq!(error, (Some("errored"), Some("driver_error"), Some(3)), "{run}");
     assert!(run["error"]["message"].as_str().unwrap().contains("adb not found at \"/nonexistent/adb\""), "{run}");
+    assert_eq!(breaker(&api, "X1").await["state"], "open");
 }
 
 #[tokio::test]
@@ -381,12 +383,16 @@ async fn a_hung_adb_call_is_killed_with_its_children_within_the_timeout() {
     })
     .await;
 
-    // A call over the adb timeout is killed too, as an infrastructure error.
+    // A plain call past SWITCHBOARD_ADB_TIMEOUT_S is killed too, as an infrastructure error.
+    lab.adb.set("HUNG", json!({"hang": ["getprop"]}));
     let env = lab.adb.env();
     let _quick = lab.env.worker(&pairs(&env, &with(FAST, &[("SWITCHBOARD_ADB_TIMEOUT_S", "1")])));
     drop(lab._worker);
-    let run = lab.api.start("ping", json!({"device": {"serial": "HUNG"}, "timeout_s": 30, "max_attempts": 1})).await;
+    let started = Instant::now();
+    let run =
+        lab.api.start("device_info", json!({"device": {"serial": "HUNG"}, "timeout_s": 60, "max_attempts": 1})).await;
     let run = lab.api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(8), "killed at its 1 s timeout, not the run's 60 s");
     assert_eq!(
         (run["status"].as_str(), run["error"]["kind"].as_str()),
         (Some("errored"), Some("device_unreachable")),

@@ -128,8 +128,8 @@ pub struct AdbConfig {
     /// The adb executable (a name is looked up on PATH).
     #[arg(long, env = "SWITCHBOARD_ADB_PATH", default_value = "adb")]
     pub adb_path: String,
-    /// The longest one adb call may take (seconds); a module makes several, each under
-    /// the module's own timeout too.
+    /// The timeout of a plain adb call (seconds); calls long by nature (ping: count ×
+    /// interval + 15 s) get their own, and every call ends by the module's deadline.
     #[arg(long, env = "SWITCHBOARD_ADB_TIMEOUT_S", default_value_t = 20)]
     pub adb_timeout_s: u64,
     /// How often state is polled while a module waits: a boot, a call, a delivery

@@ -417,6 +417,9 @@ pub struct Run {
     pub selector: Option<Selector>,
     /// The device of its latest attempt.
     pub device_id: Option<DeviceId>,
+    /// The host agent its device was on when its latest attempt started (`host`
+    /// driver), or null.
+    pub host_id: Option<HostId>,
     /// Where it is in its lifecycle.
     pub status: RunStatus,
     /// The current (or last) attempt, from 1.

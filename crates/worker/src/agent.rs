@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -45,8 +48,13 @@ struct Credentials {
 struct Agent {
     adb: AdbDriver,
     creds: RwLock<Option<Credentials>>,
-    running: Mutex<HashMap<RunId, CancellationToken>>,
+    /// Modules running, by run and attempt: a late cancel or a dropped connection of
+    /// one attempt must not stop the next attempt of the same run.
+    running: Mutex<HashMap<(RunId, i32), (u64, CancellationToken)>>,
+    next_id: AtomicU64,
     stopping: CancellationToken,
+    /// How long a heartbeat waits for `adb devices` before it reports no list.
+    list_timeout: Duration,
 }
 
 /// Runs the agent until `shutdown`.
@@ -65,20 +73,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         adb: crate::adb_driver(&cfg.adb),
         creds: RwLock::new(None),
         running: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
         stopping: CancellationToken::new(),
+        list_timeout: Duration::from_secs(cfg.adb.adb_timeout_s.clamp(1, 5)),
     });
     println!("switchboard host-agent listening on http://{addr}");
     tracing::info!(%addr, %url, host = %name, server = %cfg.server_url, "host agent starting");
     let link = Link::new(&cfg, name, url, agent.clone())?;
     let beating = tokio::spawn(link.run(shutdown.clone()));
     let app = router(agent.clone());
-    let stop = shutdown.clone();
+    let (stop, stopping) = (shutdown.clone(), agent.stopping.clone());
+    // On SIGTERM the running modules are stopped at once (their adb calls killed, each
+    // answered `interrupted`), so the graceful shutdown has nothing long to wait for.
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.cancelled().await;
+            stopping.cancel();
         })
         .await?;
-    agent.stopping.cancel();
     beating.abort();
     tracing::info!("host agent stopped");
     Ok(())
@@ -123,13 +135,15 @@ async fn health(State(agent): State<Arc<Agent>>) -> Json<Value> {
 /// Stops a running module when its request is gone (a dropped connection) or done.
 struct Running<'a> {
     agent: &'a Agent,
-    run: RunId,
+    key: (RunId, i32),
+    id: u64,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Ok(mut m) = self.agent.running.lock()
-            && let Some(t) = m.remove(&self.run)
+            && m.get(&self.key).is_some_and(|(id, _)| *id == self.id)
+            && let Some((_, t)) = m.remove(&self.key)
         {
             t.cancel();
         }
@@ -157,10 +171,14 @@ async fn execute(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: axum
         Err(fields) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("params rejected: {fields:?}")),
     };
     let cancel = agent.stopping.child_token();
-    if let Ok(mut m) = agent.running.lock() {
-        m.insert(req.run_id, cancel.clone());
+    let key = (req.run_id, req.attempt);
+    let id = agent.next_id.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut m) = agent.running.lock()
+        && let Some((_, older)) = m.insert(key, (id, cancel.clone()))
+    {
+        older.cancel();
     }
-    let _running = Running { agent: &agent, run: req.run_id };
+    let _running = Running { agent: &agent, key, id };
     let captures = Captures::default();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms.max(1));
     tracing::info!(run_id = %req.run_id, serial = %req.serial, module = module.id, "executing");
@@ -201,11 +219,18 @@ async fn cancel(State(agent): State<Arc<Agent>>, headers: HeaderMap, Json(req): 
     if let Err(denied) = authorize(&agent, &headers) {
         return *denied;
     }
-    let token = agent.running.lock().ok().and_then(|m| m.get(&req.run_id).cloned());
-    if let Some(t) = &token {
-        t.cancel();
-    }
-    Json(json!({"cancelled": token.is_some()})).into_response()
+    let tokens: Vec<CancellationToken> = agent
+        .running
+        .lock()
+        .map(|m| {
+            m.iter()
+                .filter(|((run, attempt), _)| *run == req.run_id && req.attempt.is_none_or(|a| a == *attempt))
+                .map(|(_, (_, t))| t.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    tokens.iter().for_each(CancellationToken::cancel);
+    Json(json!({"cancelled": !tokens.is_empty()})).into_response()
 }
 
 /// The agent's link to the server: registration and heartbeats.
@@ -287,7 +312,7 @@ impl Link {
     /// The phones adb lists now, or `None` when adb fails (then the heartbeat says
     /// nothing of them rather than "none").
     async fn devices(&self) -> Option<Vec<Listed>> {
-        match self.agent.adb.list_devices(&self.agent.stopping).await {
+        match self.agent.adb.list_devices(self.agent.list_timeout, &self.agent.stopping).await {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(error = %e, "adb devices failed; this heartbeat reports no device list");

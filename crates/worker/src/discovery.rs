@@ -28,7 +28,7 @@ pub async fn run(engine: Engine, adb: AdbDriver, pool: String, interval: Duratio
 /// One pass. When adb itself fails (missing, its server down) nothing is changed: an
 /// empty answer must not take every phone offline.
 pub async fn once(engine: &Engine, adb: &AdbDriver, pool: &str, stop: &CancellationToken) {
-    let listing = match adb.list_devices(stop).await {
+    let listing = match adb.list_devices(adb.call_timeout(), stop).await {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "adb discovery: adb devices failed; the registry is left as it is");

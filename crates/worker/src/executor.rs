@@ -55,6 +55,8 @@ pub struct Executor {
     pub stopping: CancellationToken,
     /// Attempts in flight here: a nudge makes their heartbeat check Postgres at once.
     pub inflight: Mutex<HashMap<RunId, Arc<Attempt>>>,
+    /// The largest capture stored (a host agent's captures are capped here again).
+    pub capture_max_bytes: usize,
 }
 
 impl Executor {
@@ -309,15 +311,7 @@ impl Executor {
         if captures.is_empty() {
             return;
         }
-        let rows: Vec<NewCapture> = captures
-            .into_iter()
-            .map(|c| NewCapture {
-                name: c.name,
-                content_type: c.content_type,
-                data: c.text.into_bytes(),
-                truncated: c.truncated,
-            })
-            .collect();
+        let rows: Vec<NewCapture> = captures.into_iter().map(|c| bounded(c, self.capture_max_bytes)).collect();
         let (run, try_no) = (claimed.run.id, claimed.attempt);
         let stored = self
             .persist(attempt, "captures", || {
@@ -358,6 +352,31 @@ impl Executor {
                 captures,
             })
             .await
+    }
+}
+
+/// A capture as stored: text, at most `max` bytes (the newest part, from a whole line),
+/// served as `text/plain` whatever the driver said, its name without path or control
+/// characters.
+fn bounded(c: Capture, max: usize) -> NewCapture {
+    let mut text = c.text;
+    let mut truncated = c.truncated;
+    if text.len() > max {
+        let mut cut = text.len() - max;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let tail = &text[cut..];
+        let tail = tail.find('\n').map_or(tail, |i| &tail[i + 1..]);
+        text = tail.to_string();
+        truncated = true;
+    }
+    let name: String = c.name.chars().filter(|ch| !ch.is_control() && !"/\\\"".contains(*ch)).take(128).collect();
+    NewCapture {
+        name: if name.is_empty() { "capture.txt".into() } else { name },
+        content_type: "text/plain; charset=utf-8".into(),
+        data: text.into_bytes(),
+        truncated,
     }
 }
 

@@ -106,7 +106,11 @@ fn executor(pool: &sqlx::PgPool, queue: Queue, owner: &str, common: &CommonConfi
         pool: pool.clone(),
         engine: Engine::new(pool.clone(), queue),
         owner: owner.to_string(),
-        drivers: Drivers::new(adb_driver(&cfg.adb), Some(HostDriver::new(pool.clone()))),
+        drivers: Drivers::new(
+            adb_driver(&cfg.adb),
+            Some(HostDriver::new(pool.clone(), cfg.adb.capture_max_bytes.saturating_mul(4) + (4 << 20))),
+        ),
+        capture_max_bytes: cfg.adb.capture_max_bytes.max(1024),
         lease_ttl: common.lease_ttl(),
         policy: FinishPolicy {
             breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },

@@ -149,9 +149,13 @@ pub async fn capture(
     let (info, data) = captures::get(&state.engine.pool, id, capture_id).await?;
     // The name came from the module (`logcat-main.txt`); quotes are dropped all the same.
     let disposition = format!("inline; filename=\"{}\"", info.name.replace(['"', '\\', '\r', '\n'], ""));
+    // Captures are text; served as such whatever was stored, and never sniffed into
+    // something a browser would run.
+    let _ = info.content_type;
     let headers = [
-        (axum::http::header::CONTENT_TYPE, info.content_type),
+        (axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
         (axum::http::header::CONTENT_DISPOSITION, disposition),
+        (axum::http::HeaderName::from_static("x-content-type-options"), "nosniff".to_string()),
         (axum::http::HeaderName::from_static("x-capture-truncated"), info.truncated.to_string()),
     ];
     Ok((headers, data).into_response())

@@ -130,8 +130,8 @@ pub async fn register(
         .await?;
     if !presented.is_some_and(|p| secret_matches(&existing.secret, p)) {
         return Err(CoreError::Conflict(format!(
-            "a host named {:?} is already registered; register again with its secret (Authorization: Bearer \
-             <host secret>) or delete it first",
+            "a host named {:?} is already registered; register again with its secret (header X-Host-Secret) \
+             or delete it first",
             new.name
         )));
     }

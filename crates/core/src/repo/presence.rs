@@ -99,8 +99,9 @@ pub async fn sync(conn: &mut PgConnection, scope: &Scope, listing: &[Listed]) ->
     let known = sqlx::query_as!(
         Known,
         "SELECT id, serial, driver, host_id, status, status_reason, status_source FROM devices
-         WHERE serial = ANY($1) OR (driver = $2 AND ($3::uuid IS NULL OR host_id = $3))
-         ORDER BY id FOR UPDATE",
+         WHERE serial = ANY($1) OR (driver = $2 AND ($3::uuid IS NULL OR host_id = $3))",
+        // No lock: a sync every few seconds must not make claims (SKIP LOCKED) miss
+        // free phones. Each change below is guarded by the status it was decided on.
         &serials,
         scope.driver as Driver,
         scope.host as Option<HostId>,
@@ -132,7 +133,7 @@ pub async fn host_down(conn: &mut PgConnection, host: HostId, reason: &str) -> C
     let known = sqlx::query_as!(
         Known,
         "SELECT id, serial, driver, host_id, status, status_reason, status_source FROM devices
-         WHERE host_id = $1 ORDER BY id FOR UPDATE",
+         WHERE host_id = $1",
         host as HostId,
     )
     .fetch_all(&mut *conn)
@@ -177,15 +178,22 @@ async fn follow(
         .await?;
     }
     let Some(next) = presence::next(&k.presence(), seen, scope.reporter, &scope.by) else { return Ok(()) };
-    sqlx::query!(
-        "UPDATE devices SET status = $2, status_reason = $3, status_source = $4, updated_at = now() WHERE id = $1",
+    // Only if nobody changed the status since it was read (an operator's PATCH wins).
+    let done = sqlx::query!(
+        "UPDATE devices SET status = $2, status_reason = $3, status_source = $4, updated_at = now()
+         WHERE id = $1 AND status = $5 AND status_source = $6",
         k.id as DeviceId,
         next.status as DeviceStatus,
         next.reason,
         next.source as StatusSource,
+        k.status as DeviceStatus,
+        k.status_source as StatusSource,
     )
     .execute(&mut *conn)
     .await?;
+    if done.rows_affected() == 0 {
+        return Ok(());
+    }
     let data = json!({"status": next.status, "previous": k.status, "reason": next.reason, "source": next.source});
     let subject = Subject { device_id: Some(k.id), host_id: scope.host.or(k.host_id), ..Default::default() };
     events::append(conn, EventKind::DeviceStatusChanged, subject, data).await?;

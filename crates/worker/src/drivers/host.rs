@@ -87,8 +87,8 @@ impl AgentError {
             "unreachable" => DriverError::Unreachable(m),
             "unsupported" => DriverError::Unsupported(m),
             "unknown" => DriverError::Unknown(m),
-            // The agent stopped it (shutdown, its own deadline): the attempt is lost
-            // for an infrastructure reason.
+            // The agent stopped it (its shutdown): not the phone's doing.
+            "interrupted" => DriverError::Interrupted,
             _ => DriverError::Driver(m),
         }
     }
@@ -99,6 +99,9 @@ impl AgentError {
 pub struct CancelRequest {
     /// The run.
     pub run_id: RunId,
+    /// Its attempt (absent: every attempt of the run running there).
+    #[serde(default)]
+    pub attempt: Option<i32>,
 }
 
 /// The host driver: agents are found in the `hosts` table.
@@ -106,16 +109,19 @@ pub struct CancelRequest {
 pub struct HostDriver {
     pool: PgPool,
     client: reqwest::Client,
+    /// The largest answer taken from an agent (its captures are capped again when
+    /// stored).
+    max_answer: usize,
 }
 
 impl HostDriver {
-    /// A driver reading hosts from `pool`.
-    pub fn new(pool: PgPool) -> HostDriver {
+    /// A driver reading hosts from `pool`, taking answers of at most `max_answer` bytes.
+    pub fn new(pool: PgPool, max_answer: usize) -> HostDriver {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("an HTTP client with default TLS-less settings builds");
-        HostDriver { pool, client }
+        HostDriver { pool, client, max_answer }
     }
 
     async fn endpoint(&self, call: &ModuleCall<'_>) -> Result<Endpoint, DriverError> {
@@ -133,6 +139,19 @@ impl HostDriver {
 
     async fn send(&self, call: &ModuleCall<'_>) -> Result<Verdict, DriverError> {
         let ep = self.endpoint(call).await?;
+        // Stops the agent's module if this call is dropped (out of time, lease lost)
+        // as well as cancelled: the dropped connection stops it too, this says so.
+        let mut guard = CancelOnDrop { driver: self, ep: &ep, run_id: call.run_id, attempt: call.attempt, armed: true };
+        let result = tokio::select! {
+            r = self.exchange(call, &ep) => r,
+            _ = call.cancel.cancelled() => Err(DriverError::Interrupted),
+        };
+        guard.armed = matches!(result, Err(DriverError::Interrupted));
+        result
+    }
+
+    /// One execute request and its answer.
+    async fn exchange(&self, call: &ModuleCall<'_>, ep: &Endpoint) -> Result<Verdict, DriverError> {
         let timeout = call.remaining();
         let body = ExecuteRequest {
             run_id: call.run_id,
@@ -143,28 +162,21 @@ impl HostDriver {
             timeout_ms: timeout.as_millis() as u64,
         };
         let url = format!("{}/v1/execute", ep.url.trim_end_matches('/'));
-        let sent =
-            self.client.post(&url).bearer_auth(&ep.secret).timeout(timeout + Duration::from_secs(5)).json(&body).send();
-        let resp = tokio::select! {
-            r = sent => r,
-            _ = call.cancel.cancelled() => {
-                self.cancel_remote(&ep, call.run_id);
-                return Err(DriverError::Interrupted);
-            }
-        };
-        let resp = resp.map_err(|e| DriverError::Unreachable(format!("host {} unreachable at {url}: {e}", ep.name)))?;
+        let sent = self.client.post(&url).bearer_auth(&ep.secret).timeout(timeout + Duration::from_secs(5)).json(&body);
+        let resp = sent
+            .send()
+            .await
+            .map_err(|e| DriverError::Unreachable(format!("host {} unreachable at {url}: {e}", ep.name)))?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
-            return Err(DriverError::Driver(format!("host {} answered {status}: {}", ep.name, text.trim())));
+            return Err(refused(&ep.name, status, text.trim()));
         }
-        let answer: ExecuteResponse = tokio::select! {
-            a = resp.json() => a.map_err(|e| DriverError::Unreachable(format!("host {}: the answer was cut or unreadable: {e}", ep.name)))?,
-            _ = call.cancel.cancelled() => {
-                self.cancel_remote(&ep, call.run_id);
-                return Err(DriverError::Interrupted);
-            }
-        };
+        let bytes = read_capped(resp, self.max_answer)
+            .await
+            .map_err(|e| DriverError::Unreachable(format!("host {}: {e}", ep.name)))?;
+        let answer: ExecuteResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| DriverError::Driver(format!("host {}: the answer is unreadable: {e}", ep.name)))?;
         for c in answer.captures {
             call.captures.push(c);
         }
@@ -176,23 +188,60 @@ impl HostDriver {
         }
     }
 
-    /// Tells the agent to stop a run's module (best effort, in the background: the
-    /// dropped request also stops it).
-    fn cancel_remote(&self, ep: &Endpoint, run_id: RunId) {
+    /// Tells the agent to stop a run's attempt (best effort, in the background).
+    fn cancel_remote(&self, ep: &Endpoint, run_id: RunId, attempt: i32) {
         let (client, url, secret) =
             (self.client.clone(), format!("{}/v1/cancel", ep.url.trim_end_matches('/')), ep.secret.clone());
         tokio::spawn(async move {
-            let sent = client
-                .post(&url)
-                .bearer_auth(secret)
-                .timeout(Duration::from_secs(5))
-                .json(&CancelRequest { run_id })
-                .send();
+            let body = CancelRequest { run_id, attempt: Some(attempt) };
+            let sent = client.post(&url).bearer_auth(secret).timeout(Duration::from_secs(5)).json(&body).send();
             if let Err(e) = sent.await {
                 tracing::debug!(error = %e, "could not tell the agent to cancel");
             }
         });
     }
+}
+
+/// Sends `POST /v1/cancel` when the call ends interrupted or is dropped mid-way.
+struct CancelOnDrop<'a> {
+    driver: &'a HostDriver,
+    ep: &'a Endpoint,
+    run_id: RunId,
+    attempt: i32,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed && tokio::runtime::Handle::try_current().is_ok() {
+            self.driver.cancel_remote(self.ep, self.run_id, self.attempt);
+        }
+    }
+}
+
+/// An agent's refusal. Only what says something about the phone counts against it:
+/// a refused secret (401) or a stopping or unregistered agent (503) is the agent's
+/// state, params it rejects (422) are a version mismatch.
+fn refused(host: &str, status: reqwest::StatusCode, text: &str) -> DriverError {
+    let m = format!("host {host} answered {status}: {text}");
+    match status.as_u16() {
+        401 => DriverError::Unavailable(m),
+        503 => DriverError::Interrupted,
+        400 | 422 => DriverError::Unknown(m),
+        _ => DriverError::Driver(m),
+    }
+}
+
+/// The answer's bytes, at most `max`: an agent cannot make a worker hold more.
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("the answer was cut: {e}"))? {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > max {
+            return Err(format!("the answer is over {max} bytes"));
+        }
+    }
+    Ok(buf)
 }
 
 impl Driver for HostDriver {

@@ -33,7 +33,7 @@ use sqlx::{PgConnection, PgPool, types::Json};
 use crate::{
     CoreError, CoreResult,
     definition::RunDefinition,
-    ids::{DeviceId, RunId, ScheduleId},
+    ids::{DeviceId, HostId, RunId, ScheduleId},
     model::{ChildCounts, Lease, Run, RunKind, RunStatus, RunStep, Trigger},
     pagination::{Cursor, Page},
     run_error::RunError,
@@ -79,6 +79,7 @@ pub(crate) struct RunRow {
     pub parent_index: Option<i32>,
     pub max_queue_wait_s: Option<i32>,
     pub waiting_since: DateTime<Utc>,
+    pub host_id: Option<HostId>,
 }
 
 impl From<RunRow> for Run {
@@ -92,6 +93,7 @@ impl From<RunRow> for Run {
             params: r.params,
             selector: r.selector.map(|s| s.0),
             device_id: r.device_id,
+            host_id: r.host_id,
             status: r.status,
             attempt: r.attempt,
             max_attempts: r.max_attempts,

@@ -66,6 +66,7 @@ pub(crate) async fn start(
         RunRow,
         "WITH r AS (
             UPDATE runs SET status = 'running', device_id = $2, lease_owner = $3,
+                host_id = (SELECT host_id FROM devices WHERE id = $2),
                 lease_expires_at = now() + make_interval(secs => $4), started_at = clock_timestamp(), finished_at = NULL,
                 not_before = NULL, updated_at = now()
             WHERE id = $1 AND status = 'queued' RETURNING *),

@@ -8,37 +8,57 @@ use tokio::time::Instant;
 use super::{Cx, Limits, parse, remote_error, shell::Line};
 use crate::drivers::{Capture, DriverError, Verdict};
 
-/// `adb -s SERIAL reboot`, then (with `wait_boot`) polls `getprop sys.boot_completed`
-/// until it prints `1`. While the phone reboots it vanishes, comes back `offline`, then
-/// answers before the framework is up: those adb errors are expected here and waited
-/// out; the module's deadline is not.
+/// `adb -s SERIAL reboot`, then (with `wait_boot`) polls until the phone runs a new
+/// boot (`/proc/sys/kernel/random/boot_id` changed) and `getprop sys.boot_completed`
+/// prints `1`. `adb reboot` returns before the phone goes down, so for a moment the old
+/// boot still says `1`: the boot id tells them apart. While the phone reboots it
+/// vanishes, comes back `offline`, then answers before the framework is up: those adb
+/// errors are expected here and waited out; the module's deadline is not.
 pub(super) async fn reboot(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let wait = cx.bool("wait_boot")?;
+    let before = boot_id(cx).await?;
     let started = Instant::now();
     let timeout = cx.s.call_timeout.min(cx.left()).max(Duration::from_millis(200));
-    cx.adb.device(cx.serial, &["reboot"], Limits::call(timeout), cx.cancel).await?;
+    let out = cx.adb.device(cx.serial, &["reboot"], Limits::call(timeout), cx.cancel).await?;
+    if out.code != Some(0) {
+        return Err(remote_error("adb reboot", &out));
+    }
     if !wait {
         return Ok(Verdict::Passed(json!({"rebooted": true, "boot_ms": null, "waited": false})));
     }
     let until = Instant::now() + cx.left_less(Duration::from_millis(500));
     loop {
         cx.pause(cx.s.poll).await?;
-        let probe = Line::new("getprop").arg("sys.boot_completed");
-        let last_seen = match cx.sh_for(probe, Duration::from_secs(5)).await {
-            Ok(out) if out.stdout.trim() == "1" => {
+        let last_seen = match booted_again(cx, &before).await {
+            Ok(None) => {
                 let boot_ms = started.elapsed().as_millis() as u64;
                 return Ok(Verdict::Passed(json!({"rebooted": true, "boot_ms": boot_ms, "waited": true})));
             }
-            Ok(_) => "sys.boot_completed not set yet".to_string(),
+            Ok(Some(why)) => why,
             Err(DriverError::Interrupted) => return Err(DriverError::Interrupted),
             Err(e) => e.to_string(),
         };
         if Instant::now() >= until {
             let r = json!({"rebooted": true, "boot_ms": null, "waited": true, "last_seen": last_seen,
-                           "reason": format!("did not report sys.boot_completed=1 within {} s", started.elapsed().as_secs())});
+                           "reason": format!("did not finish booting within {} s", started.elapsed().as_secs())});
             return Ok(Verdict::Failed(r));
         }
     }
+}
+
+async fn boot_id(cx: &Cx<'_>) -> Result<String, DriverError> {
+    cx.read(Line::new("cat").arg("/proc/sys/kernel/random/boot_id")).await
+}
+
+/// `None` once the phone runs a new boot that completed; else what it still says.
+async fn booted_again(cx: &Cx<'_>, before: &str) -> Result<Option<String>, DriverError> {
+    let probe = Duration::from_secs(5);
+    let now = cx.sh_for(Line::new("cat").arg("/proc/sys/kernel/random/boot_id"), probe).await?;
+    if now.stdout.trim() == before {
+        return Ok(Some("still the boot before the reboot".into()));
+    }
+    let done = cx.sh_for(Line::new("getprop").arg("sys.boot_completed"), probe).await?;
+    Ok((done.stdout.trim() != "1").then(|| "sys.boot_completed not set yet".into()))
 }
 
 /// The full `getprop` listing (one call), `dumpsys battery` and
@@ -83,7 +103,7 @@ fn first_line(text: &str) -> &str {
 /// whole buffer is dumped), stored as a capture of at most the cap, newest lines kept.
 pub(super) async fn capture_logs(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let (duration, buffer) = (cx.u64("duration_s")?, cx.str("buffer")?);
-    let sdk = cx.sdk().await?;
+    let sdk = cx.sdk;
     let mut line = Line::new("logcat").args(["-d", "-v", "threadtime", "-b", buffer]);
     if sdk >= 24 {
         let now: u64 = cx

@@ -73,7 +73,7 @@ impl AdbDriver {
     /// Runs a module on the phone with `task.serial` (the worker's driver and the host
     /// agent both come here).
     pub async fn run(&self, task: Task<'_>) -> Result<Verdict, DriverError> {
-        let cx = Cx {
+        let mut cx = Cx {
             adb: &self.adb,
             s: self.settings,
             serial: task.serial,
@@ -81,7 +81,16 @@ impl AdbDriver {
             cancel: &task.cancel,
             deadline: task.deadline,
             captures: &task.captures,
+            sdk: 0,
         };
+        cx.sdk = cx.read_sdk().await?;
+        if cx.sdk < MIN_SDK {
+            return Err(DriverError::Unsupported(format!(
+                "API {}: Switchboard drives Android 7.0 (API {MIN_SDK}) and later; older adbd has no shell protocol v2 \
+                 and does not return the remote exit status",
+                cx.sdk
+            )));
+        }
         match task.module.id {
             "ping" => net::ping(&cx).await,
             "airplane_mode" => net::airplane_mode(&cx).await,
@@ -96,14 +105,31 @@ impl AdbDriver {
         }
     }
 
-    /// `adb devices -l`, parsed.
-    pub async fn list_devices(&self, cancel: &CancellationToken) -> Result<Vec<Listed>, DriverError> {
+    /// `adb devices -l`, parsed, within `timeout`. A listing that cannot be trusted is
+    /// an error, never an empty list: no header, or an adb server that just started
+    /// (USB still enumerating, its first answer often lists nothing).
+    pub async fn list_devices(
+        &self,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Listed>, DriverError> {
         let args = ["devices", "-l"].map(String::from);
-        let out = self.adb.checked(&args, Limits::call(self.settings.call_timeout), cancel).await?;
+        let out = self.adb.checked(&args, Limits::call(timeout), cancel).await?;
         if out.code != Some(0) {
             return Err(DriverError::Driver(format!("adb devices failed: {}", out.stderr.trim())));
         }
+        if out.stderr.contains("daemon started successfully") {
+            return Err(DriverError::Driver("the adb server just started; its first listing is not trusted".into()));
+        }
+        if !out.stdout.contains("List of devices attached") {
+            return Err(DriverError::Driver(format!("adb devices printed no device list: {:?}", out.stdout.trim())));
+        }
         Ok(parse::devices(&out.stdout))
+    }
+
+    /// The longest a plain adb call may take.
+    pub fn call_timeout(&self) -> Duration {
+        self.settings.call_timeout
     }
 }
 
@@ -133,7 +159,12 @@ struct Cx<'a> {
     cancel: &'a CancellationToken,
     deadline: Instant,
     captures: &'a Captures,
+    /// The phone's `ro.build.version.sdk`, read first.
+    sdk: u32,
 }
+
+/// Android 7.0: adbd has shell protocol v2 (the remote exit status) from here.
+const MIN_SDK: u32 = 24;
 
 impl Cx<'_> {
     /// Time left before the module's deadline.
@@ -168,7 +199,7 @@ impl Cx<'_> {
     }
 
     /// `ro.build.version.sdk`.
-    async fn sdk(&self) -> Result<u32, DriverError> {
+    async fn read_sdk(&self) -> Result<u32, DriverError> {
         let v = self.read(Line::new("getprop").arg("ro.build.version.sdk")).await?;
         // getprop can answer an empty line early in boot (Mobly retries it too).
         v.parse().map_err(|_| DriverError::Unreachable(format!("cannot read the SDK level yet (getprop said {v:?})")))
@@ -220,4 +251,73 @@ fn remote_error(what: &str, out: &Output) -> DriverError {
         return DriverError::Unreachable(format!("the device is not ready (still booting?): {first}"));
     }
     DriverError::Driver(format!("`{program}` failed on the device (exit {:?}): {first}", out.code))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use switchboard_core::catalog;
+
+    use super::*;
+
+    /// The fake adb of the black-box tests (tests/fake_adb/adb), behind a wrapper
+    /// that gives it its own state file.
+    fn fake(phones: serde_json::Value) -> (AdbDriver, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sb-adb-unit-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("state.json");
+        std::fs::write(&state, json!({"devices": phones}).to_string()).unwrap();
+        let fake = format!("{}/../../tests/fake_adb/adb", env!("CARGO_MANIFEST_DIR"));
+        let wrapper = dir.join("adb");
+        std::fs::write(&wrapper, format!("#!/bin/sh\nFAKE_ADB_STATE='{}' exec '{fake}' \"$@\"\n", state.display()))
+            .unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let settings = AdbSettings {
+            call_timeout: Duration::from_secs(10),
+            capture_max_bytes: 1 << 20,
+            poll: Duration::from_millis(50),
+        };
+        (AdbDriver::new(wrapper.to_str().unwrap(), settings), state)
+    }
+
+    fn commands(state: &std::path::Path) -> Vec<Vec<String>> {
+        let log = std::fs::read_to_string(state.with_extension("json.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|e| serde_json::from_value(e["argv"].clone()).ok())
+            .collect()
+    }
+
+    async fn run(adb: &AdbDriver, module: &str, params: serde_json::Value) -> Result<Verdict, DriverError> {
+        let task = Task {
+            serial: "U1",
+            module: catalog::find(module).unwrap(),
+            params: &params,
+            cancel: CancellationToken::new(),
+            deadline: Instant::now() + Duration::from_secs(20),
+            captures: Captures::default(),
+        };
+        adb.run(task).await
+    }
+
+    /// Params that validation would refuse, straight to the driver: each still reaches
+    /// the phone as one word, and the phone runs nothing else.
+    #[tokio::test]
+    async fn hostile_params_reach_the_phone_as_one_word_each() {
+        let (adb, state) = fake(json!({"U1": {"sdk": 27}}));
+        let host = "8.8.8.8; reboot $(id) `id` && echo pwned";
+        let params = json!({"host": host, "count": 1, "interval_ms": 1000, "max_loss_pct": 0});
+        let Ok(Verdict::Failed(r)) = run(&adb, "ping", params).await else { panic!("a verdict") };
+        assert!(r["reason"].as_str().unwrap().starts_with("unknown host"), "{r}");
+        let body = "it's $(reboot); `id` | sh";
+        let params = json!({"to": "+33612345678", "body": body, "expect_delivery": false});
+        assert!(matches!(run(&adb, "send_sms", params).await, Ok(Verdict::Passed(_))));
+        let ran = commands(&state);
+        assert!(ran.contains(&["ping", "-c", "1", "-i", "1", host].map(String::from).to_vec()), "{ran:?}");
+        assert!(ran.iter().any(|c| c.len() == 18 && c[13] == body), "the body is one argument: {ran:?}");
+        for c in &ran {
+            assert!(!["reboot", "id", "echo", "sh"].contains(&c[0].as_str()), "the phone ran {c:?}");
+        }
+        let _ = std::fs::remove_dir_all(state.parent().unwrap());
+    }
 }

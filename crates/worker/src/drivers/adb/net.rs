@@ -85,14 +85,14 @@ fn on(v: &str) -> Result<bool, DriverError> {
 }
 
 /// API 30+: `cmd connectivity airplane-mode enable|disable`, read back with
-/// `cmd connectivity airplane-mode`. Before: `settings put global airplane_mode_on` and
-/// the `AIRPLANE_MODE` broadcast, which the shell user may not send from API 24
-/// (`SecurityException`; the radios stay on): there, unsupported unless adbd is root.
+/// `cmd connectivity airplane-mode`. API 24-29: `settings put global airplane_mode_on`
+/// and the `AIRPLANE_MODE` broadcast, which the shell user may not send there
+/// (`SecurityException`; the radios stay on): unsupported unless adbd is root.
 pub(super) async fn airplane_mode(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let want = cx.bool("enabled")?;
-    let sdk = cx.sdk().await?;
+    let sdk = cx.sdk;
     let modern = sdk >= 30;
-    if !modern && sdk >= 24 && !cx.is_root().await? {
+    if !modern && !cx.is_root().await? {
         return Err(DriverError::Unsupported(format!(
             "airplane_mode on API {sdk}: Android 7 to 10 refuse the AIRPLANE_MODE broadcast to the shell user \
              (SecurityException) and the radios stay on; use a rooted build (adb root) or Android 11+"
@@ -153,7 +153,7 @@ fn verdict(mut r: Value, ok: bool, why: impl FnOnce() -> String) -> Verdict {
 /// `dumpsys telephony.registry`.
 pub(super) async fn mobile_data(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let want = cx.bool("enabled")?;
-    let sdk = cx.sdk().await?;
+    let sdk = cx.sdk;
     let read = || async { on(&setting(cx, "mobile_data").await?) };
     let before = read().await?;
     let verb = if want { "enable" } else { "disable" };
@@ -205,7 +205,7 @@ pub(super) async fn wifi(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
         return Ok(verdict(r, false, || format!("Wi-Fi is still {} after the change", on_off(after))));
     }
     let (Some(expected), true) = (ssid, want) else { return Ok(Verdict::Passed(r)) };
-    if cx.sdk().await? < 30 {
+    if cx.sdk < 30 {
         r["ssid_checked"] = json!(false);
         r["note"] = json!("the SSID check needs `cmd wifi status` (Android 11+); Wi-Fi is on, the network unchecked");
         return Ok(Verdict::Passed(r));

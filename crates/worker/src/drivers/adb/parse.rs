@@ -9,17 +9,25 @@ use serde::Serialize;
 use switchboard_core::repo::presence::Listed;
 
 /// `adb devices -l`: `SERIAL<padding> STATE [usb:…] [product:…] [model:…] [device:…]
-/// [transport_id:N]`, or the short `SERIAL\tSTATE`. The state may hold spaces (`no
-/// permissions (…); see […]`): it runs up to the first known `key:` field.
+/// [transport_id:N]`, or the short `SERIAL\tSTATE`, after the `List of devices
+/// attached` header. The state may hold spaces (`no permissions (…); see […]`): it runs
+/// up to the first known `key:` field. A device without a serial is listed as `(no
+/// serial number)`.
 pub fn devices(text: &str) -> Vec<Listed> {
     const KEYS: [&str; 5] = ["usb:", "product:", "model:", "device:", "transport_id:"];
+    const NO_SERIAL: &str = "(no serial number)";
     let mut out = Vec::new();
-    for line in text.lines() {
+    let body = text.lines().skip_while(|l| !l.starts_with("List of devices attached")).skip(1);
+    for line in body {
         let line = line.trim_end();
-        if line.is_empty() || line.starts_with("* ") || line.starts_with("List of devices") || line.starts_with("adb") {
+        if line.is_empty() || line.starts_with("* ") {
             continue;
         }
-        let Some((serial, rest)) = line.split_once([' ', '\t']) else { continue };
+        let split = match line.strip_prefix(NO_SERIAL) {
+            Some(rest) => Some((NO_SERIAL, rest)),
+            None => line.split_once([' ', '\t']),
+        };
+        let Some((serial, rest)) = split else { continue };
         let words: Vec<&str> = rest.split_whitespace().collect();
         let first_field = words.iter().position(|w| KEYS.iter().any(|k| w.starts_with(k))).unwrap_or(words.len());
         let state = words[..first_field].join(" ");
@@ -505,6 +513,11 @@ mod tests {
         assert_eq!(d[3].usb.as_deref(), Some("1-2"));
         assert_eq!((d[4].serial.as_str(), d[4].state.as_str()), ("emulator-5554", "offline"));
         assert!(devices("List of devices attached\n\n").is_empty());
+        assert!(devices("27211JEGR06194 device\n").is_empty(), "no header, no listing");
+        let wireless = "List of devices attached\nadb-27211JEGR06194-AbCdEf._adb-tls-connect._tcp device product:bluejay model:Pixel_6a device:bluejay transport_id:3\n(no serial number)     offline usb:1-4 transport_id:5\n";
+        let d = devices(wireless);
+        assert_eq!(d[0].serial, "adb-27211JEGR06194-AbCdEf._adb-tls-connect._tcp");
+        assert_eq!((d[1].serial.as_str(), d[1].state.as_str()), ("(no serial number)", "offline"));
     }
 
     #[test]

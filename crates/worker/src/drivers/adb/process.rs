@@ -284,7 +284,9 @@ pub fn adb_failure(code: Option<i32>, stderr: &str) -> Option<DriverError> {
         m if m.contains("cannot connect to daemon") || m.contains("failed to start daemon") => {
             Some(DriverError::Driver(format!("the adb server is not running and could not start: {m}")))
         }
-        m => Some(DriverError::Driver(format!("adb: {m}"))),
+        // Anything else is the remote command's own answer (its stderr may start with
+        // `error: ` too); the caller reads it.
+        _ => None,
     }
 }
 
@@ -321,6 +323,7 @@ mod tests {
         assert_eq!(kind(2, "connect: Network is unreachable\n"), None);
         assert_eq!(kind(0, "* daemon started successfully\n"), None);
         assert_eq!(kind(255, "cmd: Can't find service: phone\n"), None);
+        assert_eq!(kind(1, "error: no such option -q\n"), None, "a remote tool's own error text is its answer");
     }
 
     #[test]

@@ -10,12 +10,12 @@ use crate::drivers::{DriverError, Verdict};
 
 /// The `isms` binder call that sends a text on an SDK level, or `None` where Switchboard
 /// knows no method it trusts. The transaction number and argument list change with the
-/// release (see docs/drivers.md for the sources): API 23-25 `isms 7` as
+/// release (see docs/drivers.md for the sources): API 24-25 `isms 7` as
 /// `com.android.mms`, API 26-28 `isms 7` as `com.android.mms.service`. From API 29 the
 /// calling package must belong to the calling uid and the layout changes every release.
 pub fn isms_call(sdk: u32, to: &str, body: &str) -> Option<Line> {
     let (sub, package) = match sdk {
-        23..=25 => ("1", "com.android.mms"),
+        24..=25 => ("1", "com.android.mms"),
         26..=28 => ("0", "com.android.mms.service"),
         _ => return None,
     };
@@ -35,18 +35,22 @@ fn segments(body: &str) -> usize {
     if n <= single { 1 } else { n.div_ceil(part) }
 }
 
-const SENT: &str = "content://sms/sent";
+/// The whole SMS provider: `content://sms/sent` holds only type 2, and a message that
+/// failed (type 5) or waits (4 outbox, 6 queued) must be seen too.
+const SMS: &str = "content://sms";
 
-/// Rows of the sent box, newest first, or why they cannot be read.
+/// The provider's outgoing rows (types 2, 4, 5, 6), newest first, or why they cannot be
+/// read. Only the exit status and stderr say so: stdout holds message bodies, which may
+/// say anything.
 async fn sent_box(cx: &Cx<'_>) -> Result<Result<Vec<parse::SmsRow>, String>, DriverError> {
-    let line = Line::new("content").args(["query", "--uri", SENT, "--projection", "_id:type:status:date:address:body"]);
+    let line = Line::new("content").args(["query", "--uri", SMS, "--projection", "_id:type:status:date:address:body"]);
     let out = cx.sh(line).await?;
-    let text = out.both();
-    if out.code != Some(0) || text.contains("Exception") || text.contains("Permission Denial") {
-        let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no output");
+    if out.code != Some(0) || out.stderr.contains("Exception") || out.stderr.contains("Permission Denial") {
+        let first = out.both().lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no output").to_string();
         return Ok(Err(format!("the SMS provider cannot be read here: {first}")));
     }
-    let mut rows = parse::sms_rows(&out.stdout);
+    let mut rows: Vec<_> =
+        parse::sms_rows(&out.stdout).into_iter().filter(|r| matches!(r.kind, 2 | 4 | 5 | 6)).collect();
     rows.sort_by_key(|r| std::cmp::Reverse(r.id));
     Ok(Ok(rows))
 }
@@ -62,17 +66,16 @@ fn digits(s: &str) -> String {
 /// not see.
 pub(super) async fn send_sms(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let (to, body, expect) = (cx.str("to")?, cx.str("body")?, cx.bool("expect_delivery")?);
-    let sdk = cx.sdk().await?;
+    let sdk = cx.sdk;
     let Some(call) = isms_call(sdk, to, body) else {
         return Err(DriverError::Unsupported(format!(
             "send_sms on API {sdk}: Android has no stable shell command for SMS, and Switchboard knows no \
-             `service call isms` layout it trusts on this version (supported: API 23-28; see docs/drivers.md)"
+             `service call isms` layout it trusts on this version (supported: API 24-28; see docs/drivers.md)"
         )));
     };
-    let newest_before = match sent_box(cx).await? {
-        Ok(rows) => rows.first().map(|r| r.id),
-        Err(_) => None,
-    };
+    // The newest row before sending: only a newer one can be this message (labs send
+    // the same text to the same number every night).
+    let before = sent_box(cx).await?.map(|rows| rows.first().map_or(0, |r| r.id));
     let out = cx.sh(call).await?;
     match parse::service_call(&out.both()) {
         parse::ServiceCall::Ok => {}
@@ -94,11 +97,18 @@ pub(super) async fn send_sms(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
         r["delivery_status"] = json!("not_checked");
         return Ok(Verdict::Passed(r));
     }
-    confirm(cx, r, to, body, newest_before).await
+    match before {
+        Ok(after) => confirm(cx, r, to, body, after).await,
+        Err(why) => {
+            r["delivery_status"] = json!("unreadable");
+            r["note"] = json!(why);
+            Ok(Verdict::Passed(r))
+        }
+    }
 }
 
 /// Polls the sent box for the message until its delivery is known or time is up.
-async fn confirm(cx: &Cx<'_>, mut r: Value, to: &str, body: &str, after: Option<i64>) -> Result<Verdict, DriverError> {
+async fn confirm(cx: &Cx<'_>, mut r: Value, to: &str, body: &str, after: i64) -> Result<Verdict, DriverError> {
     let until = Instant::now() + cx.left_less(Duration::from_secs(2));
     loop {
         let rows = match sent_box(cx).await? {
@@ -109,9 +119,8 @@ async fn confirm(cx: &Cx<'_>, mut r: Value, to: &str, body: &str, after: Option<
                 return Ok(Verdict::Passed(r));
             }
         };
-        let mine = rows
-            .into_iter()
-            .find(|row| after.is_none_or(|a| row.id > a) && digits(&row.address) == digits(to) && row.body == body);
+        let mine =
+            rows.into_iter().find(|row| row.id > after && digits(&row.address) == digits(to) && row.body == body);
         let last_look = Instant::now() >= until;
         let decided = match &mine {
             // Telephony.Sms: type 5 = failed; status 0 = complete, 64 = failed, -1 = none
@@ -158,19 +167,24 @@ struct HangUp {
     armed: bool,
 }
 
+impl HangUp {
+    /// Sends `KEYCODE_ENDCALL` now, whatever stopped the module (best effort, 10 s).
+    async fn now(&self) {
+        let line = Line::new("input").args(["keyevent", "KEYCODE_ENDCALL"]);
+        let limits = Limits::call(Duration::from_secs(10));
+        if let Err(e) = self.adb.shell(&self.serial, &line, limits, &Default::default()).await {
+            tracing::warn!(serial = %self.serial, error = %e, "could not hang up after an interrupted call");
+        }
+    }
+}
+
 impl Drop for HangUp {
     fn drop(&mut self) {
         if self.armed
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let (adb, serial) = (self.adb.clone(), self.serial.clone());
-            rt.spawn(async move {
-                let line = Line::new("input").args(["keyevent", "KEYCODE_ENDCALL"]);
-                let limits = Limits::call(Duration::from_secs(10));
-                if let Err(e) = adb.shell(&serial, &line, limits, &Default::default()).await {
-                    tracing::warn!(serial, error = %e, "could not hang up after an interrupted call");
-                }
-            });
+            let this = HangUp { adb: self.adb.clone(), serial: self.serial.clone(), armed: false };
+            rt.spawn(async move { this.now().await });
         }
     }
 }
@@ -202,6 +216,24 @@ pub(super) async fn voice_call(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
         let r = json!({"to": to, "connected": false, "setup_ms": null, "duration_s": 0, "dropped": false});
         return Ok(fail(r, &format!("the dialer did not start the call: {first}")));
     }
+    match converse(cx, to, duration, started).await {
+        Ok(verdict) => {
+            hang_up.armed = false;
+            Ok(verdict)
+        }
+        Err(e) => {
+            // Stopped mid-call (cancelled, the agent stopping) or the phone misbehaved:
+            // hang up now, before answering, so nothing is left for a runtime that may
+            // be about to end. A call dropped outright is left to the guard.
+            hang_up.now().await;
+            hang_up.armed = false;
+            Err(e)
+        }
+    }
+}
+
+/// From a dialled call to its end: set-up, hold, hang-up.
+async fn converse(cx: &Cx<'_>, to: &str, duration: Duration, started: Instant) -> Result<Verdict, DriverError> {
     // Setup may take what the hold and the hang-up leave of the budget, at most 60 s.
     let setup_until = started + cx.left_less(duration + Duration::from_secs(5)).min(Duration::from_secs(60));
     let connected = loop {
@@ -216,7 +248,6 @@ pub(super) async fn voice_call(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let setup_ms = started.elapsed().as_millis() as u64;
     let (held, dropped) = if connected { hold(cx, duration).await? } else { (Duration::ZERO, false) };
     cx.read(Line::new("input").args(["keyevent", "KEYCODE_ENDCALL"])).await?;
-    hang_up.armed = false;
     let idle_until = Instant::now() + Duration::from_secs(10).min(cx.left_less(Duration::from_millis(500)));
     let ended = loop {
         if call_states(cx).await?.iter().all(|s| *s == 0) {
@@ -254,7 +285,7 @@ mod tests {
 
     #[test]
     fn isms_layout_per_sdk_and_the_body_is_one_word() {
-        assert!(isms_call(22, "112", "x").is_none());
+        assert!(isms_call(23, "112", "x").is_none());
         assert!(isms_call(29, "112", "x").is_none());
         let line = isms_call(27, "+33612345678", "hi; reboot $(id)").unwrap().render();
         assert_eq!(
