@@ -158,10 +158,7 @@ pub async fn register(
 /// Locks a host for its heartbeat, checking the secret: 404 for an unknown id, 401
 /// for a wrong secret.
 pub async fn authenticate(conn: &mut PgConnection, id: HostId, presented: &str) -> CoreResult<Host> {
-    let row = sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1 FOR UPDATE", id as HostId)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| CoreError::not_found(format!("host {id}")))?;
+    let row = locked_row(conn, id).await?;
     if !secret_matches(&row.secret, presented) {
         return Err(CoreError::Unauthorized(format!("wrong secret for host {id}")));
     }
@@ -213,13 +210,25 @@ pub async fn mark_silent(conn: &mut PgConnection) -> CoreResult<Vec<Host>> {
     Ok(hosts)
 }
 
-/// One host.
-pub async fn get(pool: &PgPool, id: HostId) -> CoreResult<Host> {
-    let row = sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1", id as HostId)
+/// A host's row (404 if absent).
+async fn row(pool: &PgPool, id: HostId) -> CoreResult<HostRow> {
+    sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1", id as HostId)
         .fetch_optional(pool)
         .await?
-        .ok_or_else(|| CoreError::not_found(format!("host {id}")))?;
-    Ok(row.split().0)
+        .ok_or_else(|| CoreError::not_found(format!("host {id}")))
+}
+
+/// A host's row, locked for the caller's transaction (404 if absent).
+async fn locked_row(conn: &mut PgConnection, id: HostId) -> CoreResult<HostRow> {
+    sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1 FOR UPDATE", id as HostId)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| CoreError::not_found(format!("host {id}")))
+}
+
+/// One host.
+pub async fn get(pool: &PgPool, id: HostId) -> CoreResult<Host> {
+    Ok(row(pool, id).await?.split().0)
 }
 
 /// Hosts newest first, optionally of one status, one page.
@@ -260,18 +269,11 @@ pub async fn delete(conn: &mut PgConnection, id: HostId) -> CoreResult<()> {
 
 /// Locks a host (404 if absent).
 pub async fn lock(conn: &mut PgConnection, id: HostId) -> CoreResult<Host> {
-    let row = sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1 FOR UPDATE", id as HostId)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| CoreError::not_found(format!("host {id}")))?;
-    Ok(row.split().0)
+    Ok(locked_row(conn, id).await?.split().0)
 }
 
 /// How a worker reaches a host's agent.
 pub async fn endpoint(pool: &PgPool, id: HostId) -> CoreResult<Endpoint> {
-    let row = sqlx::query_as!(HostRow, "SELECT * FROM hosts WHERE id = $1", id as HostId)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| CoreError::not_found(format!("host {id}")))?;
+    let row = row(pool, id).await?;
     Ok(Endpoint { id: row.id, name: row.name, url: row.url, secret: row.secret, status: row.status })
 }
