@@ -1,6 +1,7 @@
 //! Black-box tests: the real `switchboard` binary against the real Postgres and Redis.
 //! One test binary (compile time is scarce); one module per feature.
 
+mod access;
 mod correctness;
 mod durability;
 mod foundation;

@@ -125,5 +125,9 @@ pub fn envelope(status: StatusCode, code: &str, message: &str, details: Value, r
     let body = json!({"error": {"code": code, "message": message, "details": details, "request_id": request_id}});
     let mut resp = (status, body.to_string()).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 6750: say which scheme would be accepted.
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"switchboard\""));
+    }
     resp
 }

@@ -6,6 +6,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod requests;
 pub mod routes;
+pub mod table;
 
 use std::{sync::Arc, time::Instant};
 
@@ -50,43 +51,15 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// When the process started.
     pub started_at: Instant,
+    /// Token uses not yet written.
+    pub usage: Arc<middleware::Usage>,
 }
 
 /// The whole router, with its middleware.
 pub fn router(state: AppState) -> Router {
     use routes::*;
-    let v1 = Router::new()
-        .route("/system/info", get(system::info))
-        .route("/devices", get(devices::list).post(devices::create))
-        .route("/devices/{id}", get(devices::get).patch(devices::update).delete(devices::delete))
-        .route("/devices/{id}/runs", get(devices::runs))
-        .route("/devices/{id}/breaker/reset", post(devices::reset_breaker))
-        .route("/hosts", get(hosts::list))
-        .route("/hosts/register", post(hosts::register))
-        .route("/hosts/{id}", get(hosts::get).delete(hosts::delete))
-        .route("/modules", get(modules::list))
-        .route("/modules/{id}", get(modules::get))
-        .route("/modules/{id}/runs", post(modules::start))
-        .route("/runs", get(runs::list))
-        .route("/runs/{id}", get(runs::get))
-        .route("/runs/{id}/events", get(runs::events))
-        .route("/runs/{id}/captures", get(runs::captures))
-        .route("/runs/{id}/captures/{capture_id}", get(runs::capture))
-        .route("/runs/{id}/cancel", post(runs::cancel))
-        .route("/runs/{id}/pause", post(runs::pause))
-        .route("/runs/{id}/resume", post(runs::resume))
-        .route("/runs/{id}/retry", post(runs::retry))
-        .route("/workflows", get(workflows::list).post(workflows::create))
-        .route("/workflows/{id}", get(workflows::get).put(workflows::replace).delete(workflows::delete))
-        .route("/workflows/{id}/runs", post(workflows::start))
-        .route("/campaigns", get(campaigns::list).post(campaigns::create))
-        .route("/campaigns/{id}", get(campaigns::get).put(campaigns::replace).delete(campaigns::delete))
-        .route("/campaigns/{id}/runs", post(campaigns::start))
-        .route("/schedules", get(schedules::list).post(schedules::create))
-        .route("/schedules/{id}", get(schedules::get).patch(schedules::update).delete(schedules::delete))
-        .route("/schedules/{id}/preview", get(schedules::preview))
-        .route("/schedules/{id}/trigger", post(schedules::trigger))
-        .route_layer(from_fn_with_state(state.clone(), middleware::require_token))
+    let v1 = table::router()
+        .route_layer(from_fn_with_state(state.clone(), middleware::authenticate))
         // Added after the token layer: an agent authenticates with its host secret.
         .route("/hosts/{id}/heartbeat", post(hosts::heartbeat));
     let app = Router::new()
@@ -167,8 +140,12 @@ pub async fn serve(
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let addr = listener.local_addr()?;
-    let state =
-        AppState { engine: Engine::new(pool.clone(), queue), config: Arc::new(cfg), started_at: Instant::now() };
+    let state = AppState {
+        engine: Engine::new(pool.clone(), queue),
+        config: Arc::new(cfg),
+        started_at: Instant::now(),
+        usage: Default::default(),
+    };
     println!("switchboard api listening on http://{addr}");
     tracing::info!(%addr, "api listening");
     let beat = {
@@ -186,8 +163,22 @@ pub async fn serve(
             }
         })
     };
+    let usage = {
+        let (pool, usage, stop) = (pool.clone(), state.usage.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+                usage.flush(&pool).await;
+            }
+            usage.flush(&pool).await;
+        })
+    };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     beat.abort();
+    let _ = usage.await;
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("api stopped");
     Ok(())
@@ -212,7 +203,12 @@ mod tests {
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();
         let queue = Queue::new("redis://127.0.0.1:1", "test").unwrap();
-        AppState { engine: Engine::new(pool, queue), config: Arc::new(api), started_at: Instant::now() }
+        AppState {
+            engine: Engine::new(pool, queue),
+            config: Arc::new(api),
+            started_at: Instant::now(),
+            usage: Default::default(),
+        }
     }
 
     #[tokio::test]

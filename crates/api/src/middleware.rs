@@ -14,6 +14,12 @@ use axum::{
 use serde_json::json;
 use uuid::Uuid;
 
+use switchboard_core::{
+    ids::TokenId,
+    model::Role,
+    repo::tokens::{self, Principal, Refused},
+};
+
 use crate::{
     AppState,
     error::{ApiError, REQUEST_ID, envelope},
@@ -112,20 +118,83 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
-/// Bearer authentication for `/api/v1` (the OpenAPI document is routed outside it).
-pub async fn require_token(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+/// Bearer authentication for `/api/v1` (the OpenAPI document and the host heartbeat
+/// are routed outside it): the bootstrap admin token, or an API token found by its hash
+/// in Postgres on every request, so a revocation or an expiry takes effect at the next
+/// request on every api process. The caller (`Principal`) goes into the request's
+/// extensions for the role check and for handlers.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
-    let Some(presented) = presented else {
+    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
     };
-    match &state.config.admin_token {
-        Some(admin) if constant_time_eq(admin.as_bytes(), presented.as_bytes()) => next.run(req).await,
-        _ => ApiError::unauthorized("invalid token").into_response(),
+    let principal = match &state.config.admin_token {
+        Some(admin) if constant_time_eq(admin.as_bytes(), presented.as_bytes()) => Principal::bootstrap(),
+        _ => match tokens::authenticate(&state.engine.pool, presented).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(refused)) => return ApiError::unauthorized(refusal(refused)).into_response(),
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+    };
+    if let Some(id) = principal.token_id {
+        state.usage.saw(id);
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+fn refusal(r: Refused) -> &'static str {
+    match r {
+        Refused::Unknown => "invalid token",
+        Refused::Revoked => "this token was revoked",
+        Refused::Expired => "this token has expired",
+    }
+}
+
+/// The role check of one route (its role is part of the route's declaration in
+/// `routes::table`): 403 naming the role needed.
+pub async fn require_role(State(needed): State<Role>, req: Request<Body>, next: Next) -> Response {
+    let Some(have) = req.extensions().get::<Principal>().map(|p| p.role) else {
+        return ApiError::unauthorized("not authenticated").into_response();
+    };
+    if have < needed {
+        return ApiError::new(StatusCode::FORBIDDEN, format!("this needs the {needed} role (this token is {have})"))
+            .with_details(json!({"required_role": needed, "role": have}))
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// When tokens were last used, kept in memory and written in batches (`flush`), so a
+/// request costs no write.
+#[derive(Debug, Default)]
+pub struct Usage(std::sync::Mutex<std::collections::HashMap<TokenId, chrono::DateTime<chrono::Utc>>>);
+
+impl Usage {
+    /// Notes a use now.
+    pub fn saw(&self, id: TokenId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(id, chrono::Utc::now());
+        }
+    }
+
+    /// Writes the uses noted since the last flush.
+    pub async fn flush(&self, pool: &sqlx::PgPool) {
+        let uses: Vec<_> = match self.0.lock() {
+            Ok(mut m) => m.drain().collect(),
+            Err(_) => return,
+        };
+        if uses.is_empty() {
+            return;
+        }
+        if let Err(e) = tokens::record_uses(pool, &uses).await {
+            tracing::debug!(error = %e, "could not record token uses");
+        }
     }
 }
 

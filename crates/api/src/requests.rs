@@ -15,7 +15,7 @@ use switchboard_core::{
     error::FieldErrors,
     ids::{CampaignId, HostId, WorkflowId},
     launch::{CAMPAIGN_TIMEOUT_S, RunOptions},
-    model::{DeviceStatus, Driver, Misfire, Overlap, RunKind},
+    model::{DeviceStatus, Driver, Misfire, Overlap, Role, RunKind},
     repo::{
         campaigns::{CampaignInput, DEFAULT_MAX_PARALLEL, MAX_ITEMS},
         devices::{DevicePatch, NewDevice, check_sim_metadata},
@@ -329,6 +329,50 @@ impl TryFrom<DevicePatchBody> for DevicePatch {
         };
         p.finish()?;
         Ok(patch)
+    }
+}
+
+/// `POST /tokens`.
+#[derive(Debug, Deserialize)]
+pub struct TokenBody {
+    #[serde(default)]
+    name: Field<String>,
+    #[serde(default)]
+    role: Field<Role>,
+    #[serde(default)]
+    expires_at: Field<chrono::DateTime<chrono::Utc>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// A token to create, validated.
+#[derive(Debug)]
+pub struct NewToken {
+    /// Unique name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it stops working (in the future), if ever.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl TryFrom<TokenBody> for NewToken {
+    type Error = CoreError;
+    fn try_from(b: TokenBody) -> CoreResult<NewToken> {
+        let mut p = Problems::new();
+        b.unknown.check(&["name", "role", "expires_at"], &mut p);
+        let name = b
+            .name
+            .required("name", &mut p, "a unique token name")
+            .and_then(|n| p.take(validation::text("name", &n, 128)));
+        let role = b.role.required("role", &mut p, "viewer, operator or admin");
+        let expires_at = b.expires_at.optional("expires_at", &mut p);
+        if expires_at.is_some_and(|t| t <= chrono::Utc::now()) {
+            p.add("expires_at", "must be in the future");
+        }
+        p.finish()?;
+        let (Some(name), Some(role)) = (name, role) else { return Err(unchecked("a token")) };
+        Ok(NewToken { name, role, expires_at })
     }
 }
 

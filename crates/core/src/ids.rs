@@ -59,6 +59,8 @@ uuid_id!(
     HostId,
     /// A capture (log excerpt) stored with a run.
     CaptureId,
+    /// An API token.
+    TokenId,
 );
 
 /// An event's position in the events table (a sequence: ids only grow).

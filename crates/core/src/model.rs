@@ -227,6 +227,18 @@ db_enum!(
 );
 
 db_enum!(
+    /// What an API token may do, each role including the ones before it (SPEC §4).
+    Role as "token_role" {
+        /// Read everything.
+        Viewer => "viewer",
+        /// Read, and start, cancel, retry, pause and resume runs.
+        Operator => "operator",
+        /// Everything: devices, hosts, definitions, schedules, tokens.
+        Admin => "admin",
+    }
+);
+
+db_enum!(
     /// The role of a Switchboard process.
     ProcessRole as "process_role" {
         /// Serves the HTTP API.

@@ -10,4 +10,5 @@ pub mod modules;
 pub mod runs;
 pub mod schedules;
 pub mod system;
+pub mod tokens;
 pub mod workflows;

@@ -13,4 +13,5 @@ pub mod processes;
 pub mod runs;
 pub mod schedules;
 pub mod stats;
+pub mod tokens;
 pub mod workflows;
