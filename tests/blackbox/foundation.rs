@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, Env, eventually, types};
+use crate::harness::{ADMIN_TOKEN, Api, Env, eventually, types};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -342,29 +342,60 @@ async fn openapi_document_is_public_and_lists_the_routes() {
     }
 }
 
+/// Sends `POST path` with an `Idempotency-Key`, as `token`.
+async fn send_keyed(api: &Api, token: &str, key: &str, path: &str, body: &str) -> (u16, Value) {
+    let r = api
+        .client
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_key_returns_the_first_run() {
+async fn idempotency_keys_replay_per_token_refuse_another_body_and_expire() {
     let env = Env::new();
-    let api = env.api(&[]);
+    let api = env.api(&[("SWITCHBOARD_IDEMPOTENCY_TTL_S", "2")]);
     api.device("bb-idem-1", "lab", json!({})).await;
-    let send = || async {
-        api.client
-            .post(format!("{}/api/v1/modules/sleep/runs", api.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("idempotency-key", "nightly-2026-11-22")
-            .json(&json!({"params": {"ms": 1}, "device": {"pool": "lab"}}))
-            .send()
-            .await
-            .unwrap()
-    };
-    let first = send().await;
-    assert_eq!(first.status().as_u16(), 202);
-    let first: Value = first.json().await.unwrap();
-    let second = send().await;
-    assert_eq!(second.status().as_u16(), 200);
-    let second: Value = second.json().await.unwrap();
-    assert_eq!(first["id"], second["id"]);
-    assert_eq!(api.get("/api/v1/runs").await.body["items"].as_array().unwrap().len(), 1);
+    let path = "/api/v1/modules/sleep/runs";
+    let body = r#"{"params": {"ms": 1}, "device": {"pool": "lab"}}"#;
+    let (status, first) = send_keyed(&api, ADMIN_TOKEN, "nightly-2026-11-22", path, body).await;
+    assert_eq!(status, 202, "{first}");
+
+    // The same request again, its keys in another order and spaced otherwise: the run
+    // it started, 200.
+    let reordered = r#"{"device":{"pool":"lab"},"params":{"ms":1}}"#;
+    let (status, again) = send_keyed(&api, ADMIN_TOKEN, "nightly-2026-11-22", path, reordered).await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]), "{again}");
+
+    // The same key with another body: refused, and nothing started.
+    let other = r#"{"params": {"ms": 2}, "device": {"pool": "lab"}}"#;
+    let (status, refused) = send_keyed(&api, ADMIN_TOKEN, "nightly-2026-11-22", path, other).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["details"]["reason"], "idempotency_key_reused", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("another request"), "{refused}");
+
+    // Keys are scoped to the token that sent them: another caller's same key is its own.
+    let made = api.post("/api/v1/tokens", json!({"name": "ci", "role": "operator"})).await;
+    let ci = made.body["token"].as_str().unwrap().to_string();
+    let (status, theirs) = send_keyed(&api, &ci, "nightly-2026-11-22", path, body).await;
+    assert_eq!(status, 202, "{theirs}");
+    assert_ne!(theirs["id"], first["id"]);
+    assert_eq!(theirs["idempotency_key"], "nightly-2026-11-22");
+
+    // After the TTL the key starts a new run (the old run keeps its key in history).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, later) = send_keyed(&api, ADMIN_TOKEN, "nightly-2026-11-22", path, other).await;
+    assert_eq!(status, 202, "{later}");
+    assert_ne!(later["id"], first["id"]);
+    assert_eq!(api.run(first["id"].as_str().unwrap()).await["idempotency_key"], "nightly-2026-11-22");
+    assert_eq!(api.get("/api/v1/runs").await.body["items"].as_array().unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,8 @@ impl From<CoreError> for ApiError {
             }
             CoreError::BadRequest(m) => ApiError::bad_request(m),
             CoreError::Unauthorized(m) => ApiError::unauthorized(m),
+            CoreError::IdempotencyKeyReused(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m.clone())
+                .with_details(json!({"reason": "idempotency_key_reused", "fields": {"Idempotency-Key": m}})),
             CoreError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             CoreError::Redis(m) => {
                 tracing::warn!(error = %m, "redis error");

@@ -16,7 +16,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::Value;
 use switchboard_core::{
+    launch::Idempotency,
     pagination::{self, Cursor},
+    repo::tokens::{self, Principal},
     validation::{Problems, find_nul},
 };
 
@@ -165,7 +167,7 @@ pub fn path_id<T: FromStr>(kind: &str, raw: &str) -> ApiResult<T> {
 }
 
 /// The `Idempotency-Key` header, if given.
-pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => match v.to_str() {
@@ -173,6 +175,28 @@ pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
             _ => Err(ApiError::invalid("Idempotency-Key", "must be 1 to 200 visible ASCII characters")),
         },
     }
+}
+
+/// The `Idempotency-Key` header as kept: scoped to the calling token, and bound to
+/// this request by a fingerprint of `what` (the operation and its path ids) and the
+/// body in canonical form (keys sorted, no spacing), so a key sent again with the same
+/// request replays its run and with another request is refused.
+pub fn idempotency(
+    headers: &HeaderMap,
+    caller: &Principal,
+    what: &str,
+    bytes: &[u8],
+    ttl_s: u32,
+) -> ApiResult<Option<Idempotency>> {
+    let Some(key) = idempotency_key(headers)? else { return Ok(None) };
+    // `body` has read it already; an empty body means `{}` there, and here.
+    let canonical = serde_json::from_slice::<Value>(bytes).map(|v| v.to_string()).unwrap_or_else(|_| "{}".into());
+    Ok(Some(Idempotency {
+        scope: caller.scope(),
+        key,
+        fingerprint: tokens::hash(&format!("{what}\n{canonical}")),
+        ttl_s: i64::from(ttl_s),
+    }))
 }
 
 /// Query parameters, checked against the names an endpoint accepts.

@@ -199,6 +199,7 @@ mod tests {
             request_timeout_s: 5,
             max_body_bytes: 1024,
             host_timeout_s: 30,
+            idempotency_ttl_s: 60,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();

@@ -14,7 +14,7 @@ use switchboard_core::{
     definition::{CampaignItem, ItemAction, Target, WorkflowStep},
     error::FieldErrors,
     ids::{CampaignId, HostId, WorkflowId},
-    launch::{CAMPAIGN_TIMEOUT_S, RunOptions},
+    launch::{CAMPAIGN_TIMEOUT_S, Idempotency, RunOptions},
     model::{DeviceStatus, Driver, Misfire, Overlap, Role, RunKind},
     repo::{
         campaigns::{CampaignInput, DEFAULT_MAX_PARALLEL, MAX_ITEMS},
@@ -58,8 +58,8 @@ pub struct Start<T, B> {
     pub of: T,
     /// The request body.
     pub body: B,
-    /// The `Idempotency-Key` header.
-    pub idempotency_key: Option<String>,
+    /// The `Idempotency-Key` header, scoped to the caller and bound to this request.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// The settings every start body shares.
@@ -78,13 +78,13 @@ pub struct StartOptions {
 impl StartOptions {
     const FIELDS: [&'static str; 4] = ["priority", "timeout_s", "max_attempts", "max_queue_wait_s"];
 
-    fn read(self, idempotency_key: Option<String>, p: &mut Problems) -> RunOptions {
+    fn read(self, idempotency: Option<Idempotency>, p: &mut Problems) -> RunOptions {
         RunOptions {
             priority: bounded(self.priority, "priority", 0, 9, p).unwrap_or(5) as i16,
             timeout_s: bounded(self.timeout_s, "timeout_s", 1, 86_400, p),
             max_attempts: bounded(self.max_attempts, "max_attempts", 1, 20, p),
             max_queue_wait_s: bounded(self.max_queue_wait_s, "max_queue_wait_s", 1, 30 * 86_400, p),
-            idempotency_key,
+            idempotency,
             ..RunOptions::default()
         }
     }
@@ -110,7 +110,7 @@ pub struct ModuleRunBody {
 impl TryFrom<Start<&'static ModuleSpec, ModuleRunBody>> for StartModule {
     type Error = CoreError;
     fn try_from(
-        Start { of: module, body: b, idempotency_key: key }: Start<&'static ModuleSpec, ModuleRunBody>,
+        Start { of: module, body: b, idempotency: key }: Start<&'static ModuleSpec, ModuleRunBody>,
     ) -> CoreResult<StartModule> {
         let mut p = Problems::new();
         b.unknown.check(&expected(&["params", "device"]), &mut p);
@@ -141,7 +141,7 @@ pub struct WorkflowRunBody {
 impl TryFrom<Start<WorkflowId, WorkflowRunBody>> for StartWorkflow {
     type Error = CoreError;
     fn try_from(
-        Start { of: workflow, body: b, idempotency_key: key }: Start<WorkflowId, WorkflowRunBody>,
+        Start { of: workflow, body: b, idempotency: key }: Start<WorkflowId, WorkflowRunBody>,
     ) -> CoreResult<StartWorkflow> {
         let mut p = Problems::new();
         b.unknown.check(&expected(&["params", "device"]), &mut p);
@@ -168,14 +168,14 @@ pub struct CampaignRunBody {
 impl TryFrom<Start<CampaignId, CampaignRunBody>> for StartCampaign {
     type Error = CoreError;
     fn try_from(
-        Start { of: campaign, body: b, idempotency_key: key }: Start<CampaignId, CampaignRunBody>,
+        Start { of: campaign, body: b, idempotency: key }: Start<CampaignId, CampaignRunBody>,
     ) -> CoreResult<StartCampaign> {
         let mut p = Problems::new();
         b.unknown.check(&["priority", "timeout_s"], &mut p);
         let options = RunOptions {
             priority: bounded(b.priority, "priority", 0, 9, &mut p).unwrap_or(5) as i16,
             timeout_s: bounded(b.timeout_s, "timeout_s", 1, i64::from(CAMPAIGN_TIMEOUT_S) * 4, &mut p),
-            idempotency_key: key,
+            idempotency: key,
             ..RunOptions::default()
         };
         p.finish()?;
@@ -916,7 +916,7 @@ mod tests {
     fn start_options_are_bounded() {
         let spec = catalog::find("sleep").unwrap();
         let body = json!({"params": {"ms": 1}, "device": {"pool": "p"}, "priority": 12, "max_queue_wait_s": 0});
-        let start = Start { of: spec, body: parse::<ModuleRunBody>(body), idempotency_key: None };
+        let start = Start { of: spec, body: parse::<ModuleRunBody>(body), idempotency: None };
         let f = fields(StartModule::try_from(start).unwrap_err());
         assert!(f["priority"].contains("between 0 and 9"));
         assert!(f["max_queue_wait_s"].contains("between 1 and"));

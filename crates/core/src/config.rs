@@ -67,6 +67,10 @@ pub struct ApiConfig {
     /// each host when it registers.
     #[arg(long, env = "SWITCHBOARD_HOST_TIMEOUT_S", default_value_t = 30)]
     pub host_timeout_s: u32,
+    /// How long an `Idempotency-Key` is kept (seconds): the same key from the same
+    /// token replays its run until then, and may start a new one after.
+    #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
+    pub idempotency_ttl_s: u32,
 }
 
 impl ApiConfig {

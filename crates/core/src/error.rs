@@ -28,6 +28,10 @@ pub enum CoreError {
     /// A credential that is missing or wrong (401): a host agent's secret.
     #[error("{0}")]
     Unauthorized(String),
+    /// An `Idempotency-Key` sent again with a different request (422,
+    /// `idempotency_key_reused`).
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     /// Input that cannot be read at all (400).
     #[error("{0}")]
     BadRequest(String),

@@ -39,8 +39,23 @@ pub struct RunOptions {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// The run it retries.
     pub retry_of: Option<RunId>,
-    /// The client's `Idempotency-Key`.
-    pub idempotency_key: Option<String>,
+    /// The client's `Idempotency-Key`, scoped and fingerprinted.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// A client's `Idempotency-Key` as kept: scoped to the caller, bound to the request it
+/// came with, and expiring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// Whose key it is (the token's id; `bootstrap` for the bootstrap admin token).
+    pub scope: String,
+    /// The key as the client sent it.
+    pub key: String,
+    /// A hash of the request (its path and canonical body): a key reused with another
+    /// request is refused.
+    pub fingerprint: String,
+    /// How long the key is kept (seconds); after that it may start a new run.
+    pub ttl_s: i64,
 }
 
 impl Default for RunOptions {
@@ -54,7 +69,7 @@ impl Default for RunOptions {
             schedule_id: None,
             scheduled_for: None,
             retry_of: None,
-            idempotency_key: None,
+            idempotency: None,
         }
     }
 }
@@ -69,7 +84,7 @@ impl RunOptions {
         new.schedule_id = self.schedule_id;
         new.scheduled_for = self.scheduled_for;
         new.retry_of = self.retry_of;
-        new.idempotency_key = self.idempotency_key.clone();
+        new.idempotency = self.idempotency.clone();
         new
     }
 }
@@ -206,7 +221,7 @@ pub fn child_run(spec: &ChildSpec, parent: RunId, options: &RunOptions) -> NewRu
 }
 
 /// A new run of a finished module or workflow run's snapshot (`trigger: retry`).
-pub fn retry(original: &Run, idempotency_key: Option<String>) -> NewRun {
+pub fn retry(original: &Run, idempotency: Option<Idempotency>) -> NewRun {
     let mut new = NewRun::new(
         original.definition.clone(),
         original.target.clone(),
@@ -219,6 +234,6 @@ pub fn retry(original: &Run, idempotency_key: Option<String>) -> NewRun {
     new.max_queue_wait_s = original.max_queue_wait_s;
     new.trigger = Trigger::Retry;
     new.retry_of = Some(original.id);
-    new.idempotency_key = idempotency_key;
+    new.idempotency = idempotency;
     new
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
@@ -13,13 +13,14 @@ use switchboard_core::{
     model::Run,
     pagination::Page,
     repo::campaigns::{self, Campaign, CampaignInput},
+    repo::tokens::Principal,
     service::StartCampaign,
 };
 
 use crate::{
     AppState,
     error::ApiResult,
-    extract::{QueryParams, body, idempotency_key, path_id},
+    extract::{QueryParams, body, idempotency, path_id},
     requests::{CampaignBody, CampaignRunBody, Start},
 };
 
@@ -69,14 +70,16 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 /// children in one transaction; the first `max_parallel` children start at once.
 pub async fn start(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
     let id: CampaignId = path_id("campaign", &id)?;
     campaigns::get(&state.engine.pool, id).await?;
-    let request =
-        Start { of: id, body: body::<CampaignRunBody>(&headers, &bytes)?, idempotency_key: idempotency_key(&headers)? };
+    let ttl = state.config.idempotency_ttl_s;
+    let key = idempotency(&headers, &caller, &format!("campaigns {id}"), &bytes, ttl)?;
+    let request = Start { of: id, body: body::<CampaignRunBody>(&headers, &bytes)?, idempotency: key };
     let cmd = StartCampaign::try_from(request)?;
     let started = state.engine.launch_campaign(&cmd).await?;
     Ok(crate::started(started))

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
@@ -12,13 +12,14 @@ use switchboard_core::{
     catalog::{self, ModuleSpec},
     model::Run,
     pagination::{self, Page},
+    repo::tokens::Principal,
     service::StartModule,
 };
 
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{QueryParams, body, idempotency_key},
+    extract::{QueryParams, body, idempotency},
     requests::{ModuleRunBody, Start},
 };
 
@@ -40,6 +41,7 @@ pub async fn get(Path(id): Path<String>) -> ApiResult<Json<&'static ModuleSpec>>
 /// `POST /modules/{id}/runs` `{params, device, priority?, timeout_s?, max_attempts?, max_queue_wait_s?}`.
 pub async fn start(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     bytes: Bytes,
@@ -48,7 +50,7 @@ pub async fn start(
     let request = Start {
         of: module,
         body: body::<ModuleRunBody>(&headers, &bytes)?,
-        idempotency_key: idempotency_key(&headers)?,
+        idempotency: idempotency(&headers, &caller, &format!("modules {id}"), &bytes, state.config.idempotency_ttl_s)?,
     };
     let cmd = StartModule::try_from(request)?;
     let started = state.engine.start_module(&cmd).await?;

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
@@ -15,6 +15,7 @@ use switchboard_core::{
     ids::{CaptureId, EventId, RunId},
     model::Run,
     pagination::Page,
+    repo::tokens::Principal,
     repo::{
         captures, events,
         runs::{self, RunFilter},
@@ -24,7 +25,7 @@ use switchboard_core::{
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{QueryParams, body, idempotency_key, path_id},
+    extract::{QueryParams, body, idempotency, path_id},
     requests::RetryBody,
 };
 
@@ -111,6 +112,7 @@ pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 /// `POST /runs/{id}/retry` `{failed_only?}`: a new run of the same snapshot.
 pub async fn retry(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     bytes: Bytes,
@@ -118,7 +120,8 @@ pub async fn retry(
     let id: RunId = path_id("run", &id)?;
     runs::get(&state.engine.pool, id).await?;
     let failed_only = body::<RetryBody>(&headers, &bytes)?.failed_only()?;
-    let started = state.engine.retry(id, failed_only, idempotency_key(&headers)?).await?;
+    let key = idempotency(&headers, &caller, &format!("retry {id}"), &bytes, state.config.idempotency_ttl_s)?;
+    let started = state.engine.retry(id, failed_only, key).await?;
     Ok(crate::started(started))
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
@@ -12,6 +12,7 @@ use switchboard_core::{
     ids::WorkflowId,
     model::Run,
     pagination::Page,
+    repo::tokens::Principal,
     repo::workflows::{self, Workflow, WorkflowInput},
     service::StartWorkflow,
 };
@@ -19,7 +20,7 @@ use switchboard_core::{
 use crate::{
     AppState,
     error::ApiResult,
-    extract::{QueryParams, body, idempotency_key, path_id},
+    extract::{QueryParams, body, idempotency, path_id},
     requests::{Start, WorkflowBody, WorkflowRunBody},
 };
 
@@ -70,14 +71,16 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 /// win); the run snapshots the workflow as it is now.
 pub async fn start(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
     let id: WorkflowId = path_id("workflow", &id)?;
     workflows::get(&state.engine.pool, id).await?;
-    let request =
-        Start { of: id, body: body::<WorkflowRunBody>(&headers, &bytes)?, idempotency_key: idempotency_key(&headers)? };
+    let ttl = state.config.idempotency_ttl_s;
+    let key = idempotency(&headers, &caller, &format!("workflows {id}"), &bytes, ttl)?;
+    let request = Start { of: id, body: body::<WorkflowRunBody>(&headers, &bytes)?, idempotency: key };
     let cmd = StartWorkflow::try_from(request)?;
     let started = state.engine.start_workflow(&cmd).await?;
     Ok(crate::started(started))

@@ -139,8 +139,7 @@ impl Engine {
     ) -> CoreResult<Started> {
         let Some((run, advance)) = campaign_runs::start(&mut tx, parent, children, options).await? else {
             tx.rollback().await?;
-            let key = options.idempotency_key.as_deref().unwrap_or("");
-            return Ok(Started { run: runs::by_idempotency_key(&self.pool, key).await?, created: false });
+            return Ok(Started { run: runs::replay(&self.pool, options.idempotency.as_ref()).await?, created: false });
         };
         tx.commit().await?;
         self.dispatch_started(run.id, &advance.admit).await;
@@ -204,7 +203,12 @@ impl Engine {
     /// `POST /runs/{id}/retry`: a new run of the same snapshot (`trigger: retry`). For a
     /// campaign run, `failed_only` retries only its failed, errored and timed-out
     /// children.
-    pub async fn retry(&self, id: RunId, failed_only: bool, idempotency_key: Option<String>) -> CoreResult<Started> {
+    pub async fn retry(
+        &self,
+        id: RunId,
+        failed_only: bool,
+        idempotency: Option<launch::Idempotency>,
+    ) -> CoreResult<Started> {
         let original = runs::get(&self.pool, id).await?;
         if failed_only && original.kind != RunKind::Campaign {
             return Err(CoreError::invalid("failed_only", "only applies to campaign runs"));
@@ -225,7 +229,7 @@ impl Engine {
             )));
         }
         let Some(snapshot) = campaign_runs::snapshot_of(&original) else {
-            return self.start(&launch::retry(&original, idempotency_key)).await;
+            return self.start(&launch::retry(&original, idempotency)).await;
         };
         let mut snapshot = snapshot.clone();
         if failed_only {
@@ -240,7 +244,7 @@ impl Engine {
             timeout_s: Some(original.timeout_s),
             trigger: crate::model::Trigger::Retry,
             retry_of: Some(id),
-            idempotency_key,
+            idempotency,
             ..RunOptions::default()
         };
         let children = snapshot.items.clone();

@@ -10,6 +10,7 @@ use crate::{
     definition::RunDefinition,
     events::EventKind,
     ids::{RunId, ScheduleId},
+    launch::Idempotency,
     model::{Run, RunKind, RunStatus, Trigger},
     repo::{events, runs::RunRow},
     selector::Selector,
@@ -44,8 +45,8 @@ pub struct NewRun {
     pub parent_run_id: Option<RunId>,
     /// The run it retries.
     pub retry_of: Option<RunId>,
-    /// The client's `Idempotency-Key`.
-    pub idempotency_key: Option<String>,
+    /// The client's `Idempotency-Key`, scoped and fingerprinted.
+    pub idempotency: Option<Idempotency>,
     /// A campaign child waits held until its campaign admits it.
     pub held: bool,
     /// Its item's position in its campaign.
@@ -69,7 +70,7 @@ impl NewRun {
             scheduled_for: None,
             parent_run_id: None,
             retry_of: None,
-            idempotency_key: None,
+            idempotency: None,
             held: false,
             parent_index: None,
         }
@@ -87,10 +88,7 @@ pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
     let mut conn = pool.acquire().await?;
     match insert_tx(&mut conn, new, RunStatus::Queued).await? {
         Some(run) => Ok((run, true)),
-        None => {
-            let key = new.idempotency_key.as_deref().unwrap_or("");
-            Ok((super::by_idempotency_key(pool, key).await?, false))
-        }
+        None => Ok((super::replay(pool, new.idempotency.as_ref()).await?, false)),
     }
 }
 
@@ -99,6 +97,20 @@ pub async fn insert(pool: &PgPool, new: &NewRun) -> CoreResult<(Run, bool)> {
 /// campaign run created running, on the caller's connection or transaction. `None`
 /// when the idempotency key is taken (then nothing is written).
 pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus) -> CoreResult<Option<Run>> {
+    let idem = new.idempotency.as_ref();
+    if let Some(i) = idem {
+        // An expired key is given up (its run keeps the key for history, not its
+        // scope: the unique index sees NULL scopes as distinct), so
+        // the insert below may take it.
+        sqlx::query!(
+            "UPDATE runs SET idempotency_scope = NULL
+             WHERE idempotency_scope = $1 AND idempotency_key = $2 AND idempotency_expires_at <= now()",
+            i.scope,
+            i.key,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
     let selector = new.selector.as_ref().map(Selector::to_json);
     let queued = json!({"kind": new.kind(), "target": new.target, "priority": new.priority, "trigger": new.trigger,
         "attempt": 1, "selector": selector, "parent_run_id": new.parent_run_id,
@@ -108,11 +120,13 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
         "WITH r AS (
             INSERT INTO runs (id, kind, target, definition, params, selector, priority, timeout_s, max_attempts,
                 max_queue_wait_s, trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key, held,
-                parent_index, status, started_at, queued_at)
+                parent_index, status, started_at, queued_at, idempotency_scope, idempotency_fingerprint,
+                idempotency_expires_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-                    CASE WHEN $19 = 'running'::run_status THEN now() END, clock_timestamp())
+                    CASE WHEN $19 = 'running'::run_status THEN now() END, clock_timestamp(), $22, $23,
+                    now() + make_interval(secs => $24))
             -- waiting_since: its default, now()
-            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *),
          e AS (INSERT INTO events (type, run_id, schedule_id, data) SELECT $20, r.id, r.schedule_id, $21 FROM r)
          SELECT * FROM r",
@@ -131,12 +145,15 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
         new.scheduled_for,
         new.parent_run_id as Option<RunId>,
         new.retry_of as Option<RunId>,
-        new.idempotency_key,
+        idem.map(|i| i.key.clone()),
         new.held,
         new.parent_index,
         status as RunStatus,
         EventKind::RunQueued as EventKind,
         queued,
+        idem.map(|i| i.scope.clone()),
+        idem.map(|i| i.fingerprint.clone()),
+        idem.map(|i| i.ttl_s as f64),
     )
     .fetch_optional(&mut *conn)
     .await?;

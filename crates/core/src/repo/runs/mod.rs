@@ -34,6 +34,7 @@ use crate::{
     CoreError, CoreResult,
     definition::RunDefinition,
     ids::{DeviceId, HostId, RunId, ScheduleId},
+    launch::Idempotency,
     model::{ChildCounts, Lease, Run, RunKind, RunStatus, RunStep, Trigger},
     pagination::{Cursor, Page},
     run_error::RunError,
@@ -80,11 +81,15 @@ pub(crate) struct RunRow {
     pub max_queue_wait_s: Option<i32>,
     pub waiting_since: DateTime<Utc>,
     pub host_id: Option<HostId>,
+    pub idempotency_scope: Option<String>,
+    pub idempotency_fingerprint: Option<String>,
+    pub idempotency_expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<RunRow> for Run {
     fn from(r: RunRow) -> Run {
         let _ = (r.cancel_requested, r.dispatched_at, r.held, r.parent_index, r.waiting_since);
+        let _ = (r.idempotency_scope, r.idempotency_fingerprint, r.idempotency_expires_at);
         Run {
             id: r.id,
             kind: r.kind,
@@ -145,9 +150,26 @@ pub async fn find(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Run>>
     Ok(row.map(Run::from))
 }
 
-/// The run holding an idempotency key.
-pub async fn by_idempotency_key(pool: &PgPool, key: &str) -> CoreResult<Run> {
-    let row = sqlx::query_as!(RunRow, "SELECT * FROM runs WHERE idempotency_key = $1", key).fetch_one(pool).await?;
+/// The run an idempotency key already started (its insert was refused), or 422 when
+/// the key came with another request.
+pub async fn replay(pool: &PgPool, idem: Option<&Idempotency>) -> CoreResult<Run> {
+    let Some(i) = idem else {
+        return Err(CoreError::Internal("a run insert was refused without an idempotency key".into()));
+    };
+    let row = sqlx::query_as!(
+        RunRow,
+        "SELECT * FROM runs WHERE idempotency_scope = $1 AND idempotency_key = $2",
+        i.scope,
+        i.key
+    )
+    .fetch_one(pool)
+    .await?;
+    if row.idempotency_fingerprint.as_deref() != Some(i.fingerprint.as_str()) {
+        return Err(CoreError::IdempotencyKeyReused(format!(
+            "Idempotency-Key {:?} was used for another request (run {}); use a new key for a new request",
+            i.key, row.id
+        )));
+    }
     Ok(row.into())
 }
 
