@@ -85,6 +85,9 @@ impl Deployment {
             ("SWITCHBOARD_WORKER_CONCURRENCY", cfg.worker_concurrency.to_string()),
             ("SWITCHBOARD_DB_MAX_CONNECTIONS", "32".to_string()),
             ("RUST_LOG", "warn".to_string()),
+            // The bench measures the engine, not the rate limiter.
+            ("SWITCHBOARD_RATE_LIMIT_PER_S", "0".to_string()),
+            ("SWITCHBOARD_ADDRESS_RATE_LIMIT_PER_S", "0".to_string()),
         ];
         let mut api = Command::new(&exe);
         api.arg("api").envs(envs.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::piped()).stderr(Stdio::inherit());

@@ -7,6 +7,7 @@ mod durability;
 mod foundation;
 mod harness;
 mod hosts;
+mod limits;
 mod orchestration;
 mod phones;
 mod scheduling;

@@ -70,6 +70,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         403 => "forbidden",
         404 => "not_found",
         405 => "method_not_allowed",
+        408 => "request_timeout",
         409 => "conflict",
         413 => "payload_too_large",
         415 => "unsupported_media_type",
@@ -92,24 +93,33 @@ impl From<CoreError> for ApiError {
             CoreError::Unauthorized(m) => ApiError::unauthorized(m),
             CoreError::IdempotencyKeyReused(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m.clone())
                 .with_details(json!({"reason": "idempotency_key_reused", "fields": {"Idempotency-Key": m}})),
-            CoreError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            // Internals (driver texts, SQL, constraint names) go to the log under the
+            // request id, never into the answer: the caller gets what happened and
+            // the id to quote.
+            CoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, request_id = %current_request_id(), "a dependency is unavailable");
+                let what = if m.starts_with("redis") { "redis" } else { "postgres" };
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is unavailable; try again shortly"))
+            }
             CoreError::Redis(m) => {
-                tracing::warn!(error = %m, "redis error");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
+                tracing::warn!(error = %m, request_id = %current_request_id(), "redis error");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "redis is unavailable; try again shortly")
             }
             CoreError::Database(e) => {
-                // Internal errors are logged, never leaked.
-                tracing::error!(error = %e, "database error");
+                tracing::error!(error = %e, request_id = %current_request_id(), "database error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
             CoreError::Unreadable(m) => {
-                // Stored data that does not decode: said plainly (it names a column,
-                // never a secret), so an operator can find and mend the row.
-                tracing::error!(error = %m, "unreadable stored data");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored data is unreadable: {m}"))
+                // Stored data that does not decode: said plainly, so an operator knows
+                // to mend a row; which column and why is in the log.
+                tracing::error!(error = %m, request_id = %current_request_id(), "unreadable stored data");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "stored data is unreadable (the log names it under this request id)",
+                )
             }
             CoreError::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
+                tracing::error!(error = %m, request_id = %current_request_id(), "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
         }

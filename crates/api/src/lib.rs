@@ -2,10 +2,12 @@
 
 pub mod error;
 pub mod extract;
+pub mod limits;
 pub mod middleware;
 pub mod openapi;
 pub mod requests;
 pub mod routes;
+pub mod server;
 pub mod table;
 
 use std::{sync::Arc, time::Instant};
@@ -53,6 +55,24 @@ pub struct AppState {
     pub started_at: Instant,
     /// Token uses not yet written.
     pub usage: Arc<middleware::Usage>,
+    /// The rate limits' budgets.
+    pub limits: Arc<limits::Limits>,
+    /// The counters `/metrics` keeps.
+    pub metrics: Arc<tokio::sync::Mutex<routes::metrics::Tally>>,
+}
+
+impl AppState {
+    /// The state of an api process with these settings.
+    pub fn new(engine: Engine, config: ApiConfig) -> AppState {
+        AppState {
+            engine,
+            limits: Arc::new(limits::Limits::new(&config)),
+            config: Arc::new(config),
+            started_at: Instant::now(),
+            usage: Default::default(),
+            metrics: Default::default(),
+        }
+    }
 }
 
 /// The whole router, with its middleware.
@@ -140,12 +160,7 @@ pub async fn serve(
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let addr = listener.local_addr()?;
-    let state = AppState {
-        engine: Engine::new(pool.clone(), queue),
-        config: Arc::new(cfg),
-        started_at: Instant::now(),
-        usage: Default::default(),
-    };
+    let state = AppState::new(Engine::new(pool.clone(), queue), cfg);
     println!("switchboard api listening on http://{addr}");
     tracing::info!(%addr, "api listening");
     let beat = {
@@ -176,7 +191,9 @@ pub async fn serve(
             usage.flush(&pool).await;
         })
     };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let header_timeout = std::time::Duration::from_secs(state.config.header_read_timeout_s.max(1));
+    let grace = std::time::Duration::from_secs(state.config.request_timeout_s + 5);
+    server::serve(listener, router(state), header_timeout, shutdown.clone(), grace).await;
     beat.abort();
     let _ = usage.await;
     let _ = processes::stopped(&pool, &me).await;
@@ -200,16 +217,18 @@ mod tests {
             max_body_bytes: 1024,
             host_timeout_s: 30,
             idempotency_ttl_s: 60,
+            rate_limit_per_s: 0,
+            rate_limit_burst: 1,
+            address_rate_limit_per_s: 0,
+            address_rate_limit_burst: 1,
+            header_read_timeout_s: 5,
+            body_read_timeout_s: 5,
+            metrics_token: None,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();
         let queue = Queue::new("redis://127.0.0.1:1", "test").unwrap();
-        AppState {
-            engine: Engine::new(pool, queue),
-            config: Arc::new(api),
-            started_at: Instant::now(),
-            usage: Default::default(),
-        }
+        AppState::new(Engine::new(pool, queue), api)
     }
 
     #[tokio::test]

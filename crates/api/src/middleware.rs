@@ -2,15 +2,16 @@
 //! and turning every plain-text error (axum's own rejections, 405s, 413s) into the
 //! envelope.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use axum::{
     body::{Body, to_bytes},
-    extract::{Request, State},
-    http::{HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -23,6 +24,7 @@ use switchboard_core::{
 use crate::{
     AppState,
     error::{ApiError, REQUEST_ID, envelope},
+    limits,
 };
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -38,10 +40,15 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
         .map(str::to_string)
         .unwrap_or_else(|| Uuid::new_v4().to_string());
     let timeout = Duration::from_secs(state.config.request_timeout_s.max(1));
+    let early = REQUEST_ID.scope(request_id.clone(), admit(&state, req)).await;
+    let req = match early {
+        Ok(req) => req,
+        Err(resp) => return finish(resp, &request_id).await,
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let rid = request_id.clone();
-    let mut resp = REQUEST_ID
+    let resp = REQUEST_ID
         .scope(rid.clone(), async move {
             let started = std::time::Instant::now();
             // The handler runs in a task of its own: at the timeout the client gets its
@@ -62,15 +69,68 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
                 )
                 .into_response(),
             };
-            let resp = ensure_envelope(resp, &rid).await;
             tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, request_id = %rid, "request");
             resp
         })
         .await;
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    finish(resp, &request_id).await
+}
+
+/// Every answer leaves as an envelope (when an error) carrying the request id.
+async fn finish(resp: Response, request_id: &str) -> Response {
+    let mut resp = ensure_envelope(resp, request_id).await;
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
+}
+
+/// What a request must pass before a handler sees it: its address's rate limit, and
+/// its whole body within the body read timeout and size limit. Reading the body here,
+/// under a deadline, is what stops a body trickled in byte by byte from holding a
+/// handler open (the handler's own timeout would leave its task running).
+async fn admit(state: &AppState, req: Request) -> Result<Request, Response> {
+    if let (Some(limit), Some(ConnectInfo(addr))) =
+        (&state.limits.address, req.extensions().get::<ConnectInfo<SocketAddr>>())
+    {
+        limit.check(&addr.ip().to_string()).map_err(|wait| limits::too_many("address", wait))?;
+    }
+    let max = state.config.max_body_bytes;
+    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > max as u64) {
+        return Err(too_large(max));
+    }
+    let (parts, body) = req.into_parts();
+    let deadline = Duration::from_secs(state.config.body_read_timeout_s.max(1));
+    let bytes = match tokio::time::timeout(deadline, read_body(body, max)).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {} s", deadline.as_secs()),
+            )
+            .into_response());
+        }
+        Ok(Err(resp)) => return Err(resp),
+        Ok(Ok(bytes)) => bytes,
+    };
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+async fn read_body(body: Body, max: usize) -> Result<Vec<u8>, Response> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::bad_request("the request body could not be read").into_response())?;
+        if buf.len() + chunk.len() > max {
+            return Err(too_large(max));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+fn too_large(max: usize) -> Response {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {max} bytes")).into_response()
 }
 
 /// An error answer that is not already JSON (axum's rejections and fallbacks) becomes an
@@ -94,6 +154,7 @@ async fn ensure_envelope(resp: Response, request_id: &str) -> Response {
     let message = match status {
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this path".to_string(),
         StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_string(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type".to_string(),
         StatusCode::NOT_FOUND if text.is_empty() => "no such route".to_string(),
         _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
         _ => text,
@@ -124,13 +185,7 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
 /// request on every api process. The caller (`Principal`) goes into the request's
 /// extensions for the role check and for handlers.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+    let Some(presented) = bearer(req.headers()) else {
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
     };
     let principal = match &state.config.admin_token {
@@ -144,8 +199,26 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>,
     if let Some(id) = principal.token_id {
         state.usage.saw(id);
     }
+    if let Some(Err(wait)) = state.limits.token.as_ref().map(|l| l.check(&principal.scope())) {
+        return limits::too_many("token", wait);
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+}
+
+/// Whether a request's bearer token is `secret` (compared in constant time).
+pub fn bearer_matches(headers: &HeaderMap, secret: &str) -> bool {
+    bearer(headers).is_some_and(|p| constant_time_eq(p.as_bytes(), secret.as_bytes()))
 }
 
 fn refusal(r: Refused) -> &'static str {

@@ -71,17 +71,46 @@ pub struct ApiConfig {
     /// token replays its run until then, and may start a new one after.
     #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
     pub idempotency_ttl_s: u32,
+    /// Requests a second each token may make sustained (0: no limit); over it they
+    /// answer 429 with `Retry-After`.
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_PER_S", default_value_t = 200)]
+    pub rate_limit_per_s: u32,
+    /// Requests a token may make at once before the sustained rate applies.
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_BURST", default_value_t = 2000)]
+    pub rate_limit_burst: u32,
+    /// Requests a second each client address may make sustained, authenticated or not
+    /// (0: no limit; behind a proxy every client has its address).
+    #[arg(long, env = "SWITCHBOARD_ADDRESS_RATE_LIMIT_PER_S", default_value_t = 500)]
+    pub address_rate_limit_per_s: u32,
+    /// Requests an address may make at once before its sustained rate applies.
+    #[arg(long, env = "SWITCHBOARD_ADDRESS_RATE_LIMIT_BURST", default_value_t = 5000)]
+    pub address_rate_limit_burst: u32,
+    /// A client must send a request's headers within this long (seconds), or its
+    /// connection is closed.
+    #[arg(long, env = "SWITCHBOARD_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
+    pub header_read_timeout_s: u64,
+    /// A client must send a request's whole body within this long (seconds), or it is
+    /// answered 408 and its connection closed.
+    #[arg(long, env = "SWITCHBOARD_BODY_READ_TIMEOUT_S", default_value_t = 15)]
+    pub body_read_timeout_s: u64,
+    /// When set, `GET /metrics` needs it as a bearer token.
+    #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 impl ApiConfig {
     /// One line for the start-up log, the admin token redacted.
     pub fn summary(&self) -> String {
         format!(
-            "api_addr={} admin_token={} cors_origins={:?} request_timeout_s={}",
+            "api_addr={} admin_token={} metrics_token={} cors_origins={:?} request_timeout_s={} \
+             rate_limit={}/s burst {}",
             self.addr,
             if self.admin_token.is_some() { "<set>" } else { "<unset>" },
+            if self.metrics_token.is_some() { "<set>" } else { "<unset>" },
             self.cors_origins,
-            self.request_timeout_s
+            self.request_timeout_s,
+            self.rate_limit_per_s,
+            self.rate_limit_burst,
         )
     }
 }

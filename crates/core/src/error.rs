@@ -101,7 +101,9 @@ impl From<sqlx::Error> for CoreError {
             sqlx::Error::ColumnDecode { index, source } => CoreError::Unreadable(format!("column {index}: {source}")),
             sqlx::Error::Decode(source) => CoreError::Unreadable(source.to_string()),
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-                CoreError::Conflict(format!("already exists ({})", db.constraint().unwrap_or("unique constraint")))
+                // The constraint's name stays in the log: it is schema, not an answer.
+                tracing::debug!(constraint = db.constraint().unwrap_or(""), "unique violation");
+                CoreError::Conflict("already exists".into())
             }
             // 57014: statement timeout; 55P03: lock timeout; 40P01: deadlock; 40001:
             // serialization failure; 08xxx: connection exceptions. All worth a retry.

@@ -1,24 +1,90 @@
 //! `GET /metrics`: Prometheus text, written from figures core reads in Postgres (the
 //! record every process shares, so any API replica reports the whole deployment).
+//!
+//! A scrape costs no history scan: gauges read the open runs (partial indexes), the
+//! devices and the schedules; the counters of finished runs and the fire-lag
+//! histogram are kept by this process and moved on at each scrape by the window
+//! since the last one (events by primary key, scheduled runs by their `enqueued_at`
+//! index). They count from this process's first scrape, as Prometheus counters do
+//! from a process start (`rate()` and `increase()` handle the reset).
 //! Written by hand for now: issue 11 moves it to the `metrics` crate's exporter.
 
-use std::fmt::Write;
+use std::{collections::BTreeMap, fmt::Write};
 
-use axum::{extract::State, http::header, response::IntoResponse};
-use switchboard_core::repo::stats;
+use axum::{
+    extract::State,
+    http::{HeaderMap, header},
+    response::IntoResponse,
+};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use switchboard_core::{CoreResult, repo::stats};
 
-use crate::{AppState, error::ApiResult};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    middleware::bearer_matches,
+};
 
 /// Upper bounds of the fire-lag histogram (seconds).
 const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// The metrics, in Prometheus text format.
-pub async fn prometheus(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+/// The counters this process keeps, and how far they have read.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Where the windows end; `None` before the first scrape.
+    read_to: Option<(i64, DateTime<Utc>)>,
+    finished: BTreeMap<(String, String), i64>,
+    lag_buckets: Vec<i64>,
+    lag_n: i64,
+    lag_sum: f64,
+}
+
+impl Tally {
+    /// Moves the counters on by what settled since the last scrape.
+    async fn advance(&mut self, pool: &PgPool) -> CoreResult<()> {
+        let (event_to, time_to) = (stats::settled_event_id(pool).await?, stats::settled_now(pool).await?);
+        let Some((event_from, time_from)) = self.read_to else {
+            self.read_to = Some((event_to, time_to));
+            self.lag_buckets = vec![0; LAG_BUCKETS.len()];
+            return Ok(());
+        };
+        if event_to > event_from {
+            for (kind, status, n) in stats::finished_between(pool, event_from, event_to).await? {
+                *self.finished.entry((kind.to_string(), status)).or_default() += n;
+            }
+        }
+        if time_to > time_from {
+            let (buckets, n, sum) = stats::fire_lag_between(pool, LAG_BUCKETS, time_from, time_to).await?;
+            self.lag_buckets.iter_mut().zip(buckets).for_each(|(b, c)| *b += c);
+            self.lag_n += n;
+            self.lag_sum += sum;
+        }
+        self.read_to = Some((event_to.max(event_from), time_to.max(time_from)));
+        Ok(())
+    }
+}
+
+/// The metrics, in Prometheus text format. With `SWITCHBOARD_METRICS_TOKEN` set, the
+/// scraper must present it as a bearer token.
+pub async fn prometheus(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+    if state.config.metrics_token.as_ref().is_some_and(|t| !bearer_matches(&headers, t)) {
+        return Err(ApiError::unauthorized("/metrics needs the metrics token (Authorization: Bearer <token>)"));
+    }
     let pool = &state.engine.pool;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP switchboard_runs Runs by kind and status.\n# TYPE switchboard_runs gauge");
-    for r in stats::runs_by_status(pool).await? {
-        let _ = writeln!(out, "switchboard_runs{{kind=\"{}\",status=\"{}\"}} {}", r.kind, r.status, r.n);
+    gauges(pool, &mut out).await?;
+    let mut tally = state.metrics.lock().await;
+    tally.advance(pool).await?;
+    counters(&tally, &mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+async fn gauges(pool: &PgPool, out: &mut String) -> CoreResult<()> {
+    let _ = writeln!(out, "# HELP switchboard_runs_open Runs queued or running now, by kind and status.");
+    let _ = writeln!(out, "# TYPE switchboard_runs_open gauge");
+    for r in stats::open_runs_by_status(pool).await? {
+        let _ = writeln!(out, "switchboard_runs_open{{kind=\"{}\",status=\"{}\"}} {}", r.kind, r.status, r.n);
     }
     let (devices, open) = stats::devices_by_status(pool).await?;
     let _ = writeln!(out, "# HELP switchboard_devices Devices by status.\n# TYPE switchboard_devices gauge");
@@ -34,22 +100,31 @@ pub async fn prometheus(State(state): State<AppState>) -> ApiResult<impl IntoRes
         "# HELP switchboard_schedule_ticks_total Scheduler decisions per schedule.\n# TYPE switchboard_schedule_ticks_total counter"
     );
     for s in stats::schedule_ticks(pool).await? {
-        let name = s.name.replace('\\', "\\\\").replace('"', "\\\"");
+        let name = s.name.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
         for (decision, n) in [("fired", s.fired), ("skipped", s.skipped), ("missed", s.missed)] {
             let _ =
                 writeln!(out, "switchboard_schedule_ticks_total{{schedule=\"{name}\",decision=\"{decision}\"}} {n}");
         }
     }
-    let (buckets, n, total) = stats::fire_lag(pool, LAG_BUCKETS).await?;
+    Ok(())
+}
+
+fn counters(t: &Tally, out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP switchboard_schedule_fire_lag_seconds Time from a schedule tick to its run being enqueued.\n# TYPE switchboard_schedule_fire_lag_seconds histogram"
+        "# HELP switchboard_runs_finished_total Runs finished, by kind and end status (since this process's first scrape).\n# TYPE switchboard_runs_finished_total counter"
     );
-    for (b, c) in LAG_BUCKETS.iter().zip(buckets) {
+    for ((kind, status), n) in &t.finished {
+        let _ = writeln!(out, "switchboard_runs_finished_total{{kind=\"{kind}\",status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_schedule_fire_lag_seconds Time from a schedule tick to its run being enqueued (since this process's first scrape).\n# TYPE switchboard_schedule_fire_lag_seconds histogram"
+    );
+    for (b, c) in LAG_BUCKETS.iter().zip(&t.lag_buckets) {
         let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_bucket{{le=\"{b}\"}} {c}");
     }
-    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_bucket{{le=\"+Inf\"}} {n}");
-    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_sum {total}");
-    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_count {n}");
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_bucket{{le=\"+Inf\"}} {}", t.lag_n);
+    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_sum {}", t.lag_sum);
+    let _ = writeln!(out, "switchboard_schedule_fire_lag_seconds_count {}", t.lag_n);
 }

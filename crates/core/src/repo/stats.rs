@@ -2,6 +2,7 @@
 //! from Postgres, the record every process shares, so any API replica reports the
 //! whole deployment.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -55,14 +56,44 @@ pub struct RunCount {
     pub n: i64,
 }
 
-/// Runs by kind and status.
-pub async fn runs_by_status(pool: &PgPool) -> CoreResult<Vec<RunCount>> {
+/// Runs queued or running now, by kind and status: read through the partial indexes
+/// on open runs, so its cost follows the queue, not the history.
+pub async fn open_runs_by_status(pool: &PgPool) -> CoreResult<Vec<RunCount>> {
     Ok(sqlx::query_as!(
         RunCount,
-        r#"SELECT kind, status, count(*) AS "n!" FROM runs GROUP BY kind, status ORDER BY 1, 2"#
+        r#"SELECT kind, status, count(*) AS "n!" FROM runs WHERE status IN ('queued', 'running')
+           GROUP BY kind, status ORDER BY 1, 2"#
     )
     .fetch_all(pool)
     .await?)
+}
+
+/// The newest event old enough that no transaction still open can commit one below
+/// it: event ids are taken when inserted, not when committed, so the newest ids may
+/// still have gaps that fill in. Five seconds is far longer than any transaction that
+/// writes a `run.finished`. A backward walk of the primary key over those seconds.
+pub async fn settled_event_id(pool: &PgPool) -> CoreResult<i64> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT COALESCE((SELECT id FROM events WHERE at < now() - interval '5 seconds' ORDER BY id DESC LIMIT 1), 0)
+           AS "id!""#
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Runs finished by kind and end status among the events in `(after, upto]` (the
+/// `run.finished` events: one per run, written once), read by primary key.
+pub async fn finished_between(pool: &PgPool, after: i64, upto: i64) -> CoreResult<Vec<(RunKind, String, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT r.kind, e.data ->> 'status' AS "status!", count(*) AS "n!"
+           FROM events e JOIN runs r ON r.id = e.run_id
+           WHERE e.id > $1 AND e.id <= $2 AND e.type = 'run.finished' GROUP BY 1, 2"#,
+        after,
+        upto
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kind, r.status, r.n)).collect())
 }
 
 /// Devices by status, and how many breakers are not closed.
@@ -99,23 +130,37 @@ pub async fn schedule_ticks(pool: &PgPool) -> CoreResult<Vec<ScheduleTicks>> {
     .await?)
 }
 
-/// Fire lag, from a tick's scheduled time to its run's first push, bucketed in
-/// Postgres (no rows leave the database): the count at or below each bound, the total
-/// count and the sum (seconds).
-pub async fn fire_lag(pool: &PgPool, bounds: &[f64]) -> CoreResult<(Vec<i64>, i64, f64)> {
+/// Fire lag, from a tick's scheduled time to its run's first push, of the runs first
+/// pushed in `(after, upto]`, bucketed in Postgres (no rows leave the database, and
+/// the index on `enqueued_at` of scheduled runs bounds the read to the window): the
+/// count at or below each bound, the total count and the sum (seconds).
+pub async fn fire_lag_between(
+    pool: &PgPool,
+    bounds: &[f64],
+    after: DateTime<Utc>,
+    upto: DateTime<Utc>,
+) -> CoreResult<(Vec<i64>, i64, f64)> {
     let r = sqlx::query!(
         r#"WITH lags AS MATERIALIZED (
                SELECT extract(epoch FROM (enqueued_at - scheduled_for))::float8 AS lag FROM runs
-               WHERE trigger = 'schedule' AND scheduled_for IS NOT NULL AND enqueued_at IS NOT NULL)
+               WHERE trigger = 'schedule' AND scheduled_for IS NOT NULL AND enqueued_at > $2 AND enqueued_at <= $3)
            SELECT array(SELECT (SELECT count(*) FROM lags WHERE lag <= b) FROM unnest($1::float8[]) WITH ORDINALITY AS u(b, i)
                         ORDER BY i) AS "buckets!: Vec<i64>",
                   (SELECT count(*) FROM lags) AS "n!",
                   (SELECT COALESCE(sum(lag), 0) FROM lags)::float8 AS "total!""#,
-        bounds
+        bounds,
+        after,
+        upto
     )
     .fetch_one(pool)
     .await?;
     Ok((r.buckets, r.n, r.total))
+}
+
+/// Postgres' clock, less the five seconds `settled_event_id` also leaves to open
+/// transactions: the upper end of a window no late commit can still write into.
+pub async fn settled_now(pool: &PgPool) -> CoreResult<DateTime<Utc>> {
+    Ok(sqlx::query_scalar!(r#"SELECT now() - interval '5 seconds' AS "t!""#).fetch_one(pool).await?)
 }
 
 /// Runs still queued or running (a deployment is idle at zero).
