@@ -18,6 +18,30 @@ pub fn current_request_id() -> String {
     REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
 }
 
+/// The error envelope, as the OpenAPI document describes it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The inside of the error envelope.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// One of the codes of `docs/api.md`, fixed by the status (`validation_failed`,
+    /// `not_found`, `rate_limited`, ...).
+    #[schema(example = "validation_failed")]
+    pub code: String,
+    /// Said for people; match on `code` and `details`, never on this.
+    pub message: String,
+    /// `{fields: {name: problem}}` for 422, `{required_role, role}` for 403,
+    /// `{limit, retry_after_s}` for 429, `{}` otherwise.
+    #[schema(value_type = Object)]
+    pub details: Value,
+    /// The answer's `X-Request-Id`: quote it, the log has the rest.
+    pub request_id: String,
+}
+
 /// An error answer: status, envelope code, message and details.
 #[derive(Debug)]
 pub struct ApiError {

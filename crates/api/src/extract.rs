@@ -199,6 +199,18 @@ pub fn idempotency(
     }))
 }
 
+/// The paging parameters every list takes, as the OpenAPI document shows them (lists
+/// read them through `QueryParams`).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
 /// Query parameters, checked against the names an endpoint accepts.
 pub struct QueryParams(HashMap<String, String>);
 

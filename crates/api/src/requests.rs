@@ -27,6 +27,7 @@ use switchboard_core::{
     service::{NewSchedule, SchedulePatch, StartCampaign, StartModule, StartWorkflow},
     validation::{self, Problems},
 };
+use utoipa::ToSchema;
 
 use crate::extract::{Field, Unknown};
 
@@ -63,15 +64,19 @@ pub struct Start<T, B> {
 }
 
 /// The settings every start body shares.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct StartOptions {
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 0, maximum = 9, default = 5)]
     priority: Field<i64>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1, maximum = 86400)]
     timeout_s: Field<i64>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1, maximum = 20)]
     max_attempts: Field<i64>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1, maximum = 2592000)]
     max_queue_wait_s: Field<i64>,
 }
 
@@ -95,14 +100,20 @@ fn expected(own: &[&'static str]) -> Vec<&'static str> {
 }
 
 /// `POST /modules/{id}/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"params": {"host": "8.8.8.8", "count": 4}, "device": {"pool": "sim"}, "priority": 7}))]
 pub struct ModuleRunBody {
+    /// The module's parameters, checked against its schema (GET /modules/{id})
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Field<Value>,
+    /// Which device: {"id"}, {"serial"} or {"pool", "labels"?}
     #[serde(default)]
+    #[schema(value_type = Selector, required = true)]
     device: Field<Value>,
     #[serde(flatten)]
     options: StartOptions,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -126,14 +137,20 @@ impl TryFrom<Start<&'static ModuleSpec, ModuleRunBody>> for StartModule {
 }
 
 /// `POST /workflows/{id}/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"device": {"pool": "sim", "labels": ["carrier:tmobile"]}, "params": {"host": "1.1.1.1"}}))]
 pub struct WorkflowRunBody {
+    /// Defaults for every step whose module takes them
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Field<Map<String, Value>>,
+    /// Which device: {"id"}, {"serial"} or {"pool", "labels"?}
     #[serde(default)]
+    #[schema(value_type = Selector, required = true)]
     device: Field<Value>,
     #[serde(flatten)]
     options: StartOptions,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -155,12 +172,16 @@ impl TryFrom<Start<WorkflowId, WorkflowRunBody>> for StartWorkflow {
 }
 
 /// `POST /campaigns/{id}/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"priority": 6}))]
 pub struct CampaignRunBody {
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 0, maximum = 9, default = 5)]
     priority: Field<i64>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1, maximum = 2419200)]
     timeout_s: Field<i64>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -184,10 +205,14 @@ impl TryFrom<Start<CampaignId, CampaignRunBody>> for StartCampaign {
 }
 
 /// `POST /runs/{id}/retry`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"failed_only": true}))]
 pub struct RetryBody {
+    /// Campaign runs only: retry only the failed, errored and timed-out children
     #[serde(default)]
+    #[schema(value_type = bool, default = false)]
     failed_only: Field<bool>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -207,28 +232,41 @@ const DEVICE_FIELDS: &[&str] =
     &["serial", "name", "platform", "model", "pool", "labels", "driver", "host_id", "status", "metadata"];
 
 /// `POST /devices`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"serial": "R58M42ABCDE", "driver": "sim", "pool": "sim", "labels": ["carrier:tmobile", "5g"]}))]
 pub struct DeviceBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 128, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     serial: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 64, default = "android", pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     platform: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     model: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 128, default = "default", pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     pool: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     labels: Field<Vec<String>>,
     #[serde(default)]
+    #[schema(value_type = Driver, required = true)]
     driver: Field<Driver>,
+    /// Required for driver host
     #[serde(default)]
+    #[schema(value_type = String, format = Uuid)]
     host_id: Field<HostId>,
     #[serde(default)]
+    #[schema(value_type = DeviceStatus)]
     status: Field<DeviceStatus>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     metadata: Field<Map<String, Value>>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -280,26 +318,37 @@ impl TryFrom<DeviceBody> for NewDevice {
 }
 
 /// `PATCH /devices/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"status": "maintenance", "status_reason": "SIM swap"}))]
 pub struct DevicePatchBody {
     #[serde(default)]
+    #[schema(value_type = String, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 64, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     platform: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, max_length = 200)]
     model: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 128, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     pool: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     labels: Field<Vec<String>>,
     #[serde(default)]
+    #[schema(value_type = DeviceStatus)]
     status: Field<DeviceStatus>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, max_length = 500)]
     status_reason: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Uuid)]
     host_id: Field<HostId>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     metadata: Field<Map<String, Value>>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -333,14 +382,19 @@ impl TryFrom<DevicePatchBody> for DevicePatch {
 }
 
 /// `POST /tokens`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "nightly-ci", "role": "operator"}))]
 pub struct TokenBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 128, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Role, required = true)]
     role: Field<Role>,
     #[serde(default)]
+    #[schema(value_type = chrono::DateTime<chrono::Utc>)]
     expires_at: Field<chrono::DateTime<chrono::Utc>>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -434,20 +488,29 @@ fn agent_url(field: Field<String>, p: &mut Problems) -> Option<String> {
 }
 
 /// `POST /hosts/register`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "bench-3", "url": "http://10.0.4.13:7070", "pool": "bench", "capabilities": ["adb"]}))]
 pub struct RegisterBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 128, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
+    /// The agent's base URL, http://host:port
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     url: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     capabilities: Field<Vec<String>>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 128, default = "default", pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     pool: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<Object>, max_items = 512)]
     devices: Field<Vec<Value>>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 64, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     agent_version: Field<String>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -490,12 +553,16 @@ impl RegisterBody {
 }
 
 /// `POST /hosts/{id}/heartbeat`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"agent_version": "0.1.0", "devices": []}))]
 pub struct HeartbeatBody {
     #[serde(default)]
+    #[schema(value_type = Vec<Object>, max_items = 512)]
     devices: Field<Vec<Value>>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 64, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     agent_version: Field<String>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -522,16 +589,22 @@ impl TryFrom<HeartbeatBody> for Heartbeat {
 }
 
 /// One step of a workflow body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"module": "airplane_mode", "params": {"enabled": true}}))]
 pub struct StepBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     module: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Field<Value>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1)]
     timeout_s: Field<i64>,
     #[serde(default)]
+    #[schema(value_type = bool, default = false)]
     continue_on_failure: Field<bool>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -565,14 +638,19 @@ fn steps(field: Field<Vec<Value>>, p: &mut Problems) -> Option<Vec<WorkflowStep>
 }
 
 /// `POST /workflows`, `PUT /workflows/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "attach-and-ping", "steps": [{"module": "airplane_mode", "params": {"enabled": false}}, {"module": "ping", "params": {"host": "8.8.8.8"}}]}))]
 pub struct WorkflowBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String)]
     description: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<StepBody>, required = true, min_items = 1)]
     steps: Field<Vec<Value>>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -592,16 +670,24 @@ impl TryFrom<WorkflowBody> for WorkflowInput {
 }
 
 /// One item of a campaign body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"module": "ping", "params": {"host": "8.8.8.8"}, "device": {"pool": "sim"}}))]
 pub struct ItemBody {
+    /// A workflow to run, or else module and params
     #[serde(default)]
+    #[schema(value_type = String, format = Uuid)]
     workflow_id: Field<WorkflowId>,
     #[serde(default)]
+    #[schema(value_type = String)]
     module: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Field<Value>,
+    /// Which device: {"id"}, {"serial"} or {"pool", "labels"?}
     #[serde(default)]
+    #[schema(value_type = Selector, required = true)]
     device: Field<Value>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -643,18 +729,25 @@ fn item(path: &str, b: ItemBody, p: &mut Problems) -> Option<CampaignItem> {
 }
 
 /// `POST /campaigns`, `PUT /campaigns/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "nightly-ping", "items": [{"module": "ping", "params": {"host": "8.8.8.8"}, "device": {"pool": "sim"}}], "max_parallel": 4}))]
 pub struct CampaignBody {
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String)]
     description: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<ItemBody>, required = true, min_items = 1)]
     items: Field<Vec<Value>>,
     #[serde(default)]
+    #[schema(value_type = bool, default = false)]
     stop_on_failure: Field<bool>,
     #[serde(default)]
+    #[schema(value_type = i64, minimum = 1, maximum = 1000)]
     max_parallel: Field<i64>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -693,16 +786,24 @@ impl TryFrom<CampaignBody> for CampaignInput {
 }
 
 /// A schedule's target, as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"kind": "module", "id": "ping", "params": {"host": "8.8.8.8"}, "device": {"pool": "sim"}}))]
 pub struct TargetBody {
     #[serde(default)]
+    #[schema(value_type = RunKind, required = true)]
     kind: Field<RunKind>,
+    /// A module id, or a workflow or campaign UUID
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     id: Field<String>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Field<Value>,
+    /// Which device (module and workflow targets): {"id"}, {"serial"} or {"pool", "labels"?}
     #[serde(default)]
+    #[schema(value_type = Object)]
     device: Field<Value>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -764,22 +865,34 @@ fn target(value: Value, p: &mut Problems) -> Option<Target> {
 }
 
 /// `POST /schedules` and `PATCH /schedules/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "nightly-ping", "cron": "0 2 * * *", "timezone": "Europe/Berlin", "target": {"kind": "module", "id": "ping", "params": {"host": "8.8.8.8"}, "device": {"pool": "sim"}}}))]
 pub struct ScheduleBody {
+    /// Required on create
     #[serde(default)]
+    #[schema(value_type = String, max_length = 200, pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     name: Field<String>,
+    /// Required on create
     #[serde(default)]
+    #[schema(value_type = TargetBody)]
     target: Field<Value>,
+    /// Five or six fields (seconds first); required on create
     #[serde(default)]
+    #[schema(value_type = String)]
     cron: Field<String>,
     #[serde(default)]
+    #[schema(value_type = String, max_length = 64, default = "UTC", pattern = r"^[^\u0000]*\S[^\u0000]*$")]
     timezone: Field<String>,
     #[serde(default)]
+    #[schema(value_type = bool, default = true)]
     enabled: Field<bool>,
     #[serde(default)]
+    #[schema(value_type = Misfire)]
     misfire: Field<Misfire>,
     #[serde(default)]
+    #[schema(value_type = Overlap)]
     overlap: Field<Overlap>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: Unknown,
 }

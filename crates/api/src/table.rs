@@ -1,7 +1,8 @@
 //! The route table of `/api/v1`, declared once: each operation's path, method, handler
 //! and the role it needs (SPEC §4: `viewer` reads, `operator` also starts, cancels,
 //! retries, pauses and resumes runs, `admin` does everything). The router and the list
-//! of operations (`ROUTES`, which the role tests walk) both come from this one table.
+//! of operations (`ROUTES`, which the role tests walk) both come from this one table,
+//! and so does the list of handlers whose `#[utoipa::path]` makes the OpenAPI document.
 
 use axum::{Router, handler::Handler, middleware::from_fn_with_state, routing::MethodRouter};
 use switchboard_core::model::Role;
@@ -9,7 +10,7 @@ use switchboard_core::model::Role;
 use crate::{AppState, middleware::require_role, routes::*};
 
 macro_rules! table {
-    ($( $path:literal { $( $method:ident $handler:path => $role:ident ),+ $(,)? } )+) => {
+    ($( $path:literal { $( $method:ident $module:ident :: $handler:ident => $role:ident ),+ $(,)? } )+) => {
         /// Every authenticated `/api/v1` operation: (method, path under `/api/v1`, role needed).
         pub const ROUTES: &[(&str, &str, Role)] = &[ $( $( (stringify!($method), $path, Role::$role), )+ )+ ];
 
@@ -17,8 +18,15 @@ macro_rules! table {
         pub fn router() -> Router<AppState> {
             Router::new()
                 $( .route($path, MethodRouter::new()
-                    $( .$method($handler.layer(from_fn_with_state(Role::$role, require_role))) )+ ) )+
+                    $( .$method($module::$handler.layer(from_fn_with_state(Role::$role, require_role))) )+ ) )+
         }
+
+        /// The table's operations as OpenAPI paths: each handler's `#[utoipa::path]`
+        /// (a handler in the table without one does not compile). `openapi` adds the
+        /// roles, the shared errors and the links.
+        #[derive(utoipa::OpenApi)]
+        #[openapi(paths( $( $( $module::$handler ),+ ),+ ))]
+        pub struct TableDoc;
     };
 }
 

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::{error::FieldErrors, schema};
 
 /// One module of the catalog.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModuleSpec {
     /// Its id (`ping`), used in paths and definitions.
     pub id: &'static str,
@@ -18,6 +18,7 @@ pub struct ModuleSpec {
     /// `network`, `radio`, `messaging`, ...
     pub category: &'static str,
     /// JSON Schema of `params`.
+    #[schema(value_type = Object)]
     pub params_schema: Value,
     /// Default run timeout (seconds); a run may override it.
     pub default_timeout_s: i32,

@@ -25,7 +25,7 @@ pub fn from_stored<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, St
 }
 
 /// One step of a workflow, validated against the catalog when the workflow was written.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowStep {
     /// The module it runs.
@@ -53,7 +53,7 @@ impl WorkflowStep {
 }
 
 /// The snapshot of a module run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleSnapshot {
     /// The module id.
@@ -65,7 +65,7 @@ pub struct ModuleSnapshot {
 }
 
 /// The snapshot of a workflow run: the workflow as it was when the run started.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSnapshot {
     /// The workflow.
@@ -79,7 +79,7 @@ pub struct WorkflowSnapshot {
 }
 
 /// The snapshot of a campaign run: the campaign's settings and one spec per child.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CampaignSnapshot {
     /// The campaign.
@@ -97,7 +97,7 @@ pub struct CampaignSnapshot {
 }
 
 /// What one child of a campaign run executes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChildSpec {
     /// Its item's position in the campaign.
@@ -107,6 +107,8 @@ pub struct ChildSpec {
     /// Module id or workflow id.
     pub target: String,
     /// The child's own snapshot.
+    // A campaign snapshot holds these: `RunDefinition` is collected from `Run` instead.
+    #[schema(no_recursion)]
     pub definition: RunDefinition,
     /// The child's params.
     pub params: Value,
@@ -120,7 +122,7 @@ pub struct ChildSpec {
 
 /// The snapshot a run executes. Stored untagged (the shape names the kind: `module`,
 /// `workflow_id` or `campaign_id`), which is also how the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum RunDefinition {
     /// A module run.
@@ -170,7 +172,7 @@ impl RunDefinition {
 }
 
 /// One item of a campaign definition: what to run, and on which devices.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CampaignItem {
     /// A workflow, or a module with params.
     #[serde(flatten)]
@@ -180,7 +182,7 @@ pub struct CampaignItem {
 }
 
 /// What a campaign item runs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ItemAction {
     /// A workflow, at its version when the campaign run starts.
@@ -198,7 +200,7 @@ pub enum ItemAction {
 }
 
 /// What a schedule starts. Stored as `{kind, id, params?, device?}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// A module run.

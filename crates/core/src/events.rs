@@ -100,6 +100,21 @@ impl fmt::Display for EventKind {
     }
 }
 
+/// Written by hand: the derive would not see the names the macro gives each kind. The
+/// names are exactly `EventKind::ALL`'s (reading an event of another kind is an error,
+/// never an event served with it).
+impl utoipa::PartialSchema for EventKind {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(EventKind::ALL.iter().map(|kind| kind.as_str())))
+            .description(Some("What happened. Stored as text (`run.finished`), so new kinds need no migration."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventKind {}
+
 impl sqlx::Type<Postgres> for EventKind {
     fn type_info() -> PgTypeInfo {
         <&str as sqlx::Type<Postgres>>::type_info()
@@ -161,7 +176,7 @@ impl Subject {
 }
 
 /// An append-only record of something that happened.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Its position; ids only grow.
     pub id: EventId,

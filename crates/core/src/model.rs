@@ -21,7 +21,9 @@ use crate::{
 macro_rules! db_enum {
     ($(#[$m:meta])* $name:ident as $pg:tt { $($(#[$vm:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+        )]
         #[serde(rename_all = "snake_case")]
         #[sqlx(type_name = $pg, rename_all = "snake_case")]
         pub enum $name {
@@ -251,7 +253,7 @@ db_enum!(
 );
 
 /// A device's circuit breaker as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Breaker {
     /// Closed, open or half-open.
     pub state: BreakerState,
@@ -262,7 +264,7 @@ pub struct Breaker {
 }
 
 /// Who holds a device or a run, while a run does.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Lease {
     /// The run holding it.
     pub run_id: RunId,
@@ -273,7 +275,7 @@ pub struct Lease {
 }
 
 /// A registered device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Device {
     /// Its id.
     pub id: DeviceId,
@@ -313,7 +315,7 @@ pub struct Device {
 }
 
 /// A remote host agent: a machine with phones plugged in, running `switchboard host-agent`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Host {
     /// Its id.
     pub id: HostId,
@@ -342,7 +344,7 @@ pub struct Host {
 }
 
 /// One recorded step of a run (a module run has one step, a workflow one per step).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunStep {
     /// Position in the workflow (0 for a module run).
     pub index: i32,
@@ -365,7 +367,7 @@ pub struct RunStep {
 }
 
 /// How many children of a campaign run are in each status, and in all.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ChildCounts {
     /// Waiting (admitted or held).
     pub queued: i64,
@@ -413,7 +415,7 @@ impl ChildCounts {
 }
 
 /// One run, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Run {
     /// Its id.
     pub id: RunId,

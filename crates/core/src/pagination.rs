@@ -50,7 +50,7 @@ pub fn limit(requested: Option<i64>) -> CoreResult<i64> {
 }
 
 /// A page of items and the cursor of the next page, if any.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     /// This page's items.
     pub items: Vec<T>,

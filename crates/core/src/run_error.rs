@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The kinds of run error. Each is written once, here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The device did not answer (infrastructure).
@@ -38,7 +38,7 @@ pub enum ErrorKind {
 }
 
 /// A run's or step's error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunError {
     /// What went wrong.
     pub kind: ErrorKind,

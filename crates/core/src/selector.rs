@@ -10,7 +10,7 @@ use crate::{error::FieldErrors, ids::DeviceId, model::Device};
 
 /// `{"id": uuid}`, `{"serial": s}`, or `{"pool": p, "labels": [..]}` (either may be
 /// omitted, not both).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Selector {
     /// One device, by id.

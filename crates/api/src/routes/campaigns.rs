@@ -17,6 +17,7 @@ use switchboard_core::{
     service::StartCampaign,
 };
 
+use crate::error::ErrorBody;
 use crate::{
     AppState,
     error::ApiResult,
@@ -25,6 +26,14 @@ use crate::{
 };
 
 /// `GET /campaigns`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/campaigns",
+    operation_id = "listCampaigns",
+    tag = "campaigns",
+    params(crate::extract::PageQuery),
+    responses((status = 200, description = "A page of campaigns", body = Page<Campaign>))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -34,6 +43,14 @@ pub async fn list(
 }
 
 /// `POST /campaigns`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/campaigns",
+    operation_id = "createCampaign",
+    tag = "campaigns",
+    request_body(content = CampaignBody, content_type = "application/json"),
+    responses((status = 201, description = "The campaign", body = Campaign), (status = 409, description = "A campaign with this name exists", body = ErrorBody))
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -44,11 +61,28 @@ pub async fn create(
 }
 
 /// `GET /campaigns/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/campaigns/{id}",
+    operation_id = "getCampaign",
+    tag = "campaigns",
+    params(("id" = uuid::Uuid, Path, description = "The campaign's id")),
+    responses((status = 200, description = "The campaign", body = Campaign))
+)]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Campaign>> {
     Ok(Json(campaigns::get(&state.engine.pool, path_id("campaign", &id)?).await?))
 }
 
 /// `PUT /campaigns/{id}`.
+#[utoipa::path(
+    put,
+    path = "/api/v1/campaigns/{id}",
+    operation_id = "replaceCampaign",
+    tag = "campaigns",
+    params(("id" = uuid::Uuid, Path, description = "The campaign's id")),
+    request_body(content = CampaignBody, content_type = "application/json"),
+    responses((status = 200, description = "The campaign, its version one higher", body = Campaign), (status = 409, description = "A campaign with this name exists", body = ErrorBody))
+)]
 pub async fn replace(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -61,6 +95,14 @@ pub async fn replace(
 }
 
 /// `DELETE /campaigns/{id}`: 409 while a schedule uses it.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/campaigns/{id}",
+    operation_id = "deleteCampaign",
+    tag = "campaigns",
+    params(("id" = uuid::Uuid, Path, description = "The campaign's id")),
+    responses((status = 204, description = "Deleted"), (status = 409, description = "A schedule uses it", body = ErrorBody))
+)]
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     campaigns::delete(&state.engine.pool, path_id("campaign", &id)?).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -68,6 +110,15 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 
 /// `POST /campaigns/{id}/runs` `{priority?, timeout_s?}`: the campaign run and all its
 /// children in one transaction; the first `max_parallel` children start at once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/campaigns/{id}/runs",
+    operation_id = "startCampaignRun",
+    tag = "campaigns",
+    params(("id" = uuid::Uuid, Path, description = "The campaign's id"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first run for the same request (per token, 24 h)")),
+    request_body(content = CampaignRunBody, content_type = "application/json"),
+    responses((status = 202, description = "The campaign run", body = Run), (status = 200, description = "The run this Idempotency-Key started before", body = Run))
+)]
 pub async fn start(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

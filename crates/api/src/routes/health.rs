@@ -12,6 +12,8 @@ use crate::AppState;
 const CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// `GET /health`: liveness, no dependency checked.
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "operations", security(()),
+    responses((status = 200, description = "The process is up", body = serde_json::Value, example = json!({"status": "ok"}))))]
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -48,6 +50,11 @@ fn err_json(e: Option<&String>) -> Value {
 
 /// `GET /health/full`: Postgres, Redis, live workers and schedulers; 503 when Postgres
 /// or Redis is down.
+#[utoipa::path(get, path = "/health/full", operation_id = "healthFull", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Healthy or degraded (no worker or scheduler alive)", body = serde_json::Value),
+        (status = 503, description = "Postgres or Redis unreachable", body = serde_json::Value),
+    ))]
 pub async fn full(State(state): State<AppState>) -> impl IntoResponse {
     let pool = &state.engine.pool;
     let pg = timed(db::ping(pool));

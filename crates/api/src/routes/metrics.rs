@@ -67,6 +67,13 @@ impl Tally {
 
 /// The metrics, in Prometheus text format. With `SWITCHBOARD_METRICS_TOKEN` set, the
 /// scraper must present it as a bearer token.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations", security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "SWITCHBOARD_METRICS_TOKEN is set and was not presented", body = crate::error::ErrorBody),
+        (status = 500, description = "A fault of ours", body = crate::error::ErrorBody),
+        (status = 503, description = "Postgres unavailable", body = crate::error::ErrorBody),
+    ))]
 pub async fn prometheus(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
     if state.config.metrics_token.as_ref().is_some_and(|t| !bearer_matches(&headers, t)) {
         return Err(ApiError::unauthorized("/metrics needs the metrics token (Authorization: Bearer <token>)"));

@@ -28,17 +28,42 @@ fn module(id: &str) -> ApiResult<&'static ModuleSpec> {
 }
 
 /// `GET /modules`: the catalog in a stable order, paged like every list.
+#[utoipa::path(
+    get,
+    path = "/api/v1/modules",
+    operation_id = "listModules",
+    tag = "modules",
+    params(crate::extract::PageQuery),
+    responses((status = 200, description = "The module catalog", body = Page<ModuleSpec>))
+)]
 pub async fn list(Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Page<ModuleSpec>>> {
     let q = QueryParams::new(q, &["limit", "cursor"])?;
     Ok(Json(pagination::slice(catalog::builtin(), q.limit()?, q.str("cursor"))?))
 }
 
 /// `GET /modules/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/modules/{id}",
+    operation_id = "getModule",
+    tag = "modules",
+    params(("id" = String, Path, description = "The module's id")),
+    responses((status = 200, description = "The module and its parameter schema", body = ModuleSpec))
+)]
 pub async fn get(Path(id): Path<String>) -> ApiResult<Json<&'static ModuleSpec>> {
     Ok(Json(module(&id)?))
 }
 
 /// `POST /modules/{id}/runs` `{params, device, priority?, timeout_s?, max_attempts?, max_queue_wait_s?}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/modules/{id}/runs",
+    operation_id = "startModuleRun",
+    tag = "modules",
+    params(("id" = String, Path, description = "The module's id"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first run for the same request (per token, 24 h)")),
+    request_body(content = ModuleRunBody, content_type = "application/json"),
+    responses((status = 202, description = "The run, queued", body = Run), (status = 200, description = "The run this Idempotency-Key started before", body = Run))
+)]
 pub async fn start(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use switchboard_core::{
     events::Event,
     ids::{CaptureId, EventId, RunId},
-    model::Run,
+    model::{Run, RunKind, RunStatus},
     pagination::Page,
     repo::tokens::Principal,
     repo::{
@@ -22,6 +22,7 @@ use switchboard_core::{
     },
 };
 
+use crate::error::ErrorBody;
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
@@ -34,6 +35,14 @@ const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
 /// `GET /runs`: filters `status`, `kind`, `device_id`, `parent_run_id`, `schedule_id`,
 /// `since`, `until`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs",
+    operation_id = "listRuns",
+    tag = "runs",
+    params(("status" = Option<RunStatus>, Query), ("kind" = Option<RunKind>, Query), ("device_id" = Option<uuid::Uuid>, Query), ("parent_run_id" = Option<uuid::Uuid>, Query), ("schedule_id" = Option<uuid::Uuid>, Query), ("since" = Option<chrono::DateTime<chrono::Utc>>, Query), ("until" = Option<chrono::DateTime<chrono::Utc>>, Query), crate::extract::PageQuery),
+    responses((status = 200, description = "A page of runs, newest first", body = Page<Run>))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -56,18 +65,34 @@ pub async fn list(
 
 /// `GET /runs/{id}`: the run with its steps and, for a campaign run, its children's
 /// counts.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}",
+    operation_id = "getRun",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The run, its steps and (campaign) its children's counts", body = Run))
+)]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     Ok(Json(runs::get(&state.engine.pool, path_id("run", &id)?).await?))
 }
 
 /// A page of events; `next_cursor` is the last event id when more follow.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EventPage {
     items: Vec<Event>,
     next_cursor: Option<String>,
 }
 
 /// `GET /runs/{id}/events?after=<event id>&limit=`, in order.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/events",
+    operation_id = "listRunEvents",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id"), ("after" = Option<i64>, Query, minimum = 0, description = "Events after this event id"), crate::extract::PageQuery),
+    responses((status = 200, description = "The run's events, oldest first", body = EventPage))
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -94,22 +119,55 @@ pub async fn events(
 }
 
 /// `POST /runs/{id}/cancel`: the run after; 409 on a terminal run.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/cancel",
+    operation_id = "cancelRun",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The run after", body = Run), (status = 409, description = "The run is terminal", body = ErrorBody))
+)]
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     Ok(Json(state.engine.cancel(path_id("run", &id)?, CANCEL_WAIT).await?))
 }
 
 /// `POST /runs/{id}/pause`: a running workflow stops before its next step and keeps
 /// its device.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/pause",
+    operation_id = "pauseRun",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The run, paused", body = Run), (status = 409, description = "Not a running workflow, or paused already", body = ErrorBody))
+)]
 pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     Ok(Json(state.engine.pause(path_id("run", &id)?).await?))
 }
 
 /// `POST /runs/{id}/resume`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/resume",
+    operation_id = "resumeRun",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The run, resumed", body = Run), (status = 409, description = "Not a paused workflow run", body = ErrorBody))
+)]
 pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     Ok(Json(state.engine.resume(path_id("run", &id)?).await?))
 }
 
 /// `POST /runs/{id}/retry` `{failed_only?}`: a new run of the same snapshot.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/retry",
+    operation_id = "retryRun",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first retry for the same request (per token, 24 h)")),
+    request_body(content = RetryBody, content_type = "application/json"),
+    responses((status = 202, description = "The new run", body = Run), (status = 200, description = "The run this Idempotency-Key started before", body = Run), (status = 409, description = "The run is not finished", body = ErrorBody))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -126,13 +184,21 @@ pub async fn retry(
 }
 
 /// A run's captures.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CaptureList {
     /// Oldest first, without their bytes.
     pub items: Vec<captures::CaptureInfo>,
 }
 
 /// `GET /runs/{id}/captures`: what the run's modules stored (logcat excerpts, ...).
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/captures",
+    operation_id = "listRunCaptures",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The run's captures, without their bytes", body = CaptureList))
+)]
 pub async fn captures(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<CaptureList>> {
     let id: RunId = path_id("run", &id)?;
     if !runs::exists(&state.engine.pool, id).await? {
@@ -142,6 +208,14 @@ pub async fn captures(State(state): State<AppState>, Path(id): Path<String>) -> 
 }
 
 /// `GET /runs/{id}/captures/{capture_id}`: the capture itself, with its media type.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/captures/{capture_id}",
+    operation_id = "getRunCapture",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id"), ("capture_id" = uuid::Uuid, Path, description = "The capture's id")),
+    responses((status = 200, description = "The capture, as text", content_type = "text/plain", body = String))
+)]
 pub async fn capture(
     State(state): State<AppState>,
     Path((id, capture_id)): Path<(String, String)>,

@@ -15,6 +15,13 @@ use switchboard_core::{
 use crate::{AppState, error::ApiResult, extract::QueryParams};
 
 /// The deployment at a glance.
+#[utoipa::path(
+    get,
+    path = "/api/v1/system/info",
+    operation_id = "getSystemInfo",
+    tag = "system",
+    responses((status = 200, description = "Version, uptime, live processes and queue depths", body = serde_json::Value))
+)]
 pub async fn info(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
     QueryParams::new(q, &[])?;
     let pool = &state.engine.pool;

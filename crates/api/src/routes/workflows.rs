@@ -17,6 +17,7 @@ use switchboard_core::{
     service::StartWorkflow,
 };
 
+use crate::error::ErrorBody;
 use crate::{
     AppState,
     error::ApiResult,
@@ -25,6 +26,14 @@ use crate::{
 };
 
 /// `GET /workflows`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/workflows",
+    operation_id = "listWorkflows",
+    tag = "workflows",
+    params(crate::extract::PageQuery),
+    responses((status = 200, description = "A page of workflows", body = Page<Workflow>))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -34,6 +43,14 @@ pub async fn list(
 }
 
 /// `POST /workflows`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/workflows",
+    operation_id = "createWorkflow",
+    tag = "workflows",
+    request_body(content = WorkflowBody, content_type = "application/json"),
+    responses((status = 201, description = "The workflow", body = Workflow), (status = 409, description = "A workflow with this name exists", body = ErrorBody))
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -44,11 +61,28 @@ pub async fn create(
 }
 
 /// `GET /workflows/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/workflows/{id}",
+    operation_id = "getWorkflow",
+    tag = "workflows",
+    params(("id" = uuid::Uuid, Path, description = "The workflow's id")),
+    responses((status = 200, description = "The workflow", body = Workflow))
+)]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Workflow>> {
     Ok(Json(workflows::get(&state.engine.pool, path_id("workflow", &id)?).await?))
 }
 
 /// `PUT /workflows/{id}`: a new version; runs already started keep their snapshot.
+#[utoipa::path(
+    put,
+    path = "/api/v1/workflows/{id}",
+    operation_id = "replaceWorkflow",
+    tag = "workflows",
+    params(("id" = uuid::Uuid, Path, description = "The workflow's id")),
+    request_body(content = WorkflowBody, content_type = "application/json"),
+    responses((status = 200, description = "The workflow, its version one higher", body = Workflow), (status = 409, description = "A workflow with this name exists", body = ErrorBody))
+)]
 pub async fn replace(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -61,6 +95,14 @@ pub async fn replace(
 }
 
 /// `DELETE /workflows/{id}`: 409 while a campaign or schedule uses it.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/workflows/{id}",
+    operation_id = "deleteWorkflow",
+    tag = "workflows",
+    params(("id" = uuid::Uuid, Path, description = "The workflow's id")),
+    responses((status = 204, description = "Deleted"), (status = 409, description = "A campaign or schedule uses it", body = ErrorBody))
+)]
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     workflows::delete(&state.engine.pool, path_id("workflow", &id)?).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -69,6 +111,15 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 /// `POST /workflows/{id}/runs` `{device, params?, priority?, timeout_s?, max_attempts?, max_queue_wait_s?}`.
 /// `params` are defaults for every step whose module takes them (a step's own params
 /// win); the run snapshots the workflow as it is now.
+#[utoipa::path(
+    post,
+    path = "/api/v1/workflows/{id}/runs",
+    operation_id = "startWorkflowRun",
+    tag = "workflows",
+    params(("id" = uuid::Uuid, Path, description = "The workflow's id"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first run for the same request (per token, 24 h)")),
+    request_body(content = WorkflowRunBody, content_type = "application/json"),
+    responses((status = 202, description = "The run, queued", body = Run), (status = 200, description = "The run this Idempotency-Key started before", body = Run))
+)]
 pub async fn start(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

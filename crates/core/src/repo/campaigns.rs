@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// A campaign definition.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Campaign {
     /// Its id.
     pub id: CampaignId,

@@ -24,7 +24,7 @@ pub struct NewCapture {
 }
 
 /// What the API lists of a capture.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CaptureInfo {
     /// Its id (`GET /runs/{id}/captures/{capture_id}` serves it).
     pub id: CaptureId,

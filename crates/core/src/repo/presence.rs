@@ -64,7 +64,7 @@ pub struct Scope {
 }
 
 /// What a sync did.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, utoipa::ToSchema)]
 pub struct Synced {
     /// Devices registered now.
     pub created: Vec<DeviceId>,

@@ -29,7 +29,7 @@ pub async fn stopped(pool: &PgPool, id: &str) -> CoreResult<()> {
 }
 
 /// A process seen alive.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Alive {
     /// Its identity (`worker@host:pid:suffix`).
     pub id: String,

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Decisions a schedule has made so far.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ScheduleStats {
     /// Ticks that started a run.
     pub fired: i64,
@@ -25,7 +25,7 @@ pub struct ScheduleStats {
 }
 
 /// A cron schedule.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Schedule {
     /// Its id.
     pub id: ScheduleId,

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Runs waiting and running now.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct QueueCounts {
     /// Queued runs that may be delivered.
     pub queued: i64,

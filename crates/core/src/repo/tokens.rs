@@ -20,7 +20,7 @@ use crate::{
 pub const PREFIX: &str = "sb_";
 
 /// A token as the API lists it (never the secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Token {
     /// Its id.
     pub id: TokenId,

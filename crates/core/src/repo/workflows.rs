@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// A workflow definition.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Workflow {
     /// Its id.
     pub id: WorkflowId,

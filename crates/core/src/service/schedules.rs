@@ -71,7 +71,7 @@ pub struct SchedulePatch {
 }
 
 /// One upcoming fire time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Upcoming {
     /// In UTC.
     pub at: DateTime<Utc>,
