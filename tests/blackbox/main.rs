@@ -4,6 +4,7 @@
 mod access;
 mod correctness;
 mod durability;
+mod feed;
 mod foundation;
 mod harness;
 mod hosts;

@@ -99,6 +99,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         413 => "payload_too_large",
         415 => "unsupported_media_type",
         422 => "validation_failed",
+        426 => "upgrade_required",
         429 => "rate_limited",
         503 | 504 => "unavailable",
         _ => "internal",

@@ -59,6 +59,10 @@ pub struct AppState {
     pub limits: Arc<limits::Limits>,
     /// The counters `/metrics` keeps.
     pub metrics: Arc<tokio::sync::Mutex<routes::metrics::Tally>>,
+    /// The feed's head as this process last saw it: wakes WebSocket readers.
+    pub feed_head: Arc<tokio::sync::watch::Sender<switchboard_core::repo::feed::Position>>,
+    /// WebSocket clients connected to this process.
+    pub ws_clients: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -71,6 +75,8 @@ impl AppState {
             started_at: Instant::now(),
             usage: Default::default(),
             metrics: Default::default(),
+            feed_head: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+            ws_clients: Default::default(),
         }
     }
 }
@@ -178,6 +184,7 @@ pub async fn serve(
             }
         })
     };
+    let head = tokio::spawn(routes::feed::watch_head(pool.clone(), state.feed_head.clone(), shutdown.clone()));
     let usage = {
         let (pool, usage, stop) = (pool.clone(), state.usage.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -195,6 +202,7 @@ pub async fn serve(
     let grace = std::time::Duration::from_secs(state.config.request_timeout_s + 5);
     server::serve(listener, router(state), header_timeout, shutdown.clone(), grace).await;
     beat.abort();
+    head.abort();
     let _ = usage.await;
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("api stopped");
@@ -224,6 +232,8 @@ mod tests {
             header_read_timeout_s: 5,
             body_read_timeout_s: 5,
             metrics_token: None,
+            ws_ping_s: 30,
+            ws_send_timeout_s: 10,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();

@@ -185,12 +185,15 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
 /// request on every api process. The caller (`Principal`) goes into the request's
 /// extensions for the role check and for handlers.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>, next: Next) -> Response {
-    let Some(presented) = bearer(req.headers()) else {
+    // The WebSocket feed also takes `?token=` (a browser cannot set headers on a
+    // WebSocket); the request log shows paths only, so the secret never reaches it.
+    let from_query = req.uri().path().ends_with("/ws").then(|| query_token(req.uri())).flatten();
+    let Some(presented) = bearer(req.headers()).map(str::to_string).or(from_query) else {
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
     };
     let principal = match &state.config.admin_token {
         Some(admin) if constant_time_eq(admin.as_bytes(), presented.as_bytes()) => Principal::bootstrap(),
-        _ => match tokens::authenticate(&state.engine.pool, presented).await {
+        _ => match tokens::authenticate(&state.engine.pool, &presented).await {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => return ApiError::unauthorized(refusal(refused)).into_response(),
             Err(e) => return ApiError::from(e).into_response(),
@@ -214,6 +217,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|p| !p.is_empty())
+}
+
+/// The `token` query parameter (percent-decoded), if any.
+fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    let axum::extract::Query(pairs) =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri).ok()?;
+    pairs.get("token").filter(|t| !t.is_empty()).cloned()
 }
 
 /// Whether a request's bearer token is `secret` (compared in constant time).

@@ -61,6 +61,8 @@ table! {
     "/schedules/{id}" { get schedules::get => Viewer, patch schedules::update => Admin, delete schedules::delete => Admin }
     "/schedules/{id}/preview" { get schedules::preview => Viewer }
     "/schedules/{id}/trigger" { post schedules::trigger => Operator }
+    "/events" { get feed::events => Viewer }
+    "/ws" { get feed::ws => Viewer }
     "/tokens" { get tokens::list => Admin, post tokens::create => Admin }
     "/tokens/{id}" { delete tokens::revoke => Admin }
 }

@@ -93,6 +93,14 @@ pub struct ApiConfig {
     /// answered 408 and its connection closed.
     #[arg(long, env = "SWITCHBOARD_BODY_READ_TIMEOUT_S", default_value_t = 15)]
     pub body_read_timeout_s: u64,
+    /// How often the WebSocket feed pings each client (seconds); a client that has not
+    /// answered the previous ping by the next one is closed.
+    #[arg(long, env = "SWITCHBOARD_WS_PING_S", default_value_t = 30)]
+    pub ws_ping_s: u64,
+    /// How long one send to a WebSocket client may wait (seconds) before the client is
+    /// closed as too slow (close code 4008; it resumes with `since`).
+    #[arg(long, env = "SWITCHBOARD_WS_SEND_TIMEOUT_S", default_value_t = 10)]
+    pub ws_send_timeout_s: u64,
     /// When set, `GET /metrics` needs it as a bearer token.
     #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,

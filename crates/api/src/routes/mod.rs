@@ -3,6 +3,7 @@
 
 pub mod campaigns;
 pub mod devices;
+pub mod feed;
 pub mod health;
 pub mod hosts;
 pub mod metrics;

@@ -7,6 +7,7 @@ pub mod campaigns;
 pub mod captures;
 pub mod devices;
 pub mod events;
+pub mod feed;
 pub mod hosts;
 pub mod presence;
 pub mod processes;

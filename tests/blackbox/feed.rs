@@ -1,0 +1,172 @@
+//! The event feed (issue 11): `GET /api/v1/events` and the WebSocket deliver every event
+//! once, in one order, across out-of-order commits and api restarts.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+use crate::harness::*;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(api: &Api, query: &str) -> Socket {
+    let url = format!("{}/api/v1/ws?{query}", api.base.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.expect("websocket").0
+}
+
+/// The next event from the socket (answering pings), or `None` on close or timeout.
+async fn next_event(ws: &mut Socket, within: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??.ok()?;
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).ok(),
+            Message::Ping(p) => {
+                let _ = ws.send(Message::Pong(p)).await;
+            }
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+/// Every event the HTTP cursor gives from `since` on, following `next_cursor`.
+async fn page_all(api: &Api, since: &str, filter: &str) -> (Vec<Value>, String) {
+    let mut out = Vec::new();
+    let mut cursor = since.to_string();
+    loop {
+        let r = api.get(&format!("/api/v1/events?since={cursor}&limit=500{filter}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let items = r.body["items"].as_array().unwrap().clone();
+        if let Some(next) = r.body["next_cursor"].as_str() {
+            cursor = next.to_string();
+        }
+        if items.is_empty() {
+            return (out, cursor);
+        }
+        out.extend(items);
+    }
+}
+
+fn ids(events: &[Value]) -> Vec<i64> {
+    events.iter().map(|e| e["id"].as_i64().unwrap()).collect()
+}
+
+/// Two transactions write events; the one holding the smaller id commits last. A
+/// reader paging by id alone would pass it; the feed waits for it and delivers both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_with_a_smaller_id_is_not_skipped() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let (_, start) = page_all(&api, "0", "").await;
+    let mut ws = connect(&api, &format!("since={start}")).await;
+    let pg = env.pg().await;
+    let mut early = pg.begin().await.unwrap();
+    let first: i64 =
+        sqlx::query_scalar("INSERT INTO events (type, data) VALUES ('device.updated', '{\"n\": 1}') RETURNING id")
+            .fetch_one(&mut *early)
+            .await
+            .unwrap();
+    let mut late = pg.begin().await.unwrap();
+    let second: i64 =
+        sqlx::query_scalar("INSERT INTO events (type, data) VALUES ('device.updated', '{\"n\": 2}') RETURNING id")
+            .fetch_one(&mut *late)
+            .await
+            .unwrap();
+    assert!(second > first);
+    late.commit().await.unwrap();
+    // The second is committed, but the first may still come: neither is served yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen, _) = page_all(&api, &start, "").await;
+    assert!(!ids(&seen).contains(&second), "served {second} while {first} could still commit: {seen:?}");
+    assert!(next_event(&mut ws, Duration::from_millis(300)).await.is_none(), "the socket ran ahead");
+    early.commit().await.unwrap();
+    let (seen, _) = eventually(Duration::from_secs(10), "both events served", || async {
+        let (seen, c) = page_all(&api, &start, "").await;
+        ids(&seen).contains(&second).then_some((seen, c))
+    })
+    .await;
+    assert_eq!(ids(&seen), vec![first, second], "both, in the order of their transactions");
+    let a = next_event(&mut ws, Duration::from_secs(5)).await.expect("first on the socket");
+    let b = next_event(&mut ws, Duration::from_secs(5)).await.expect("second on the socket");
+    assert_eq!((a["id"].as_i64(), b["id"].as_i64()), (Some(first), Some(second)));
+    assert_eq!(a["type"], "device.updated");
+}
+
+/// A follower reads the feed while runs flow; its api process is killed and another
+/// started; it resumes with `since` and, in the end, has every event exactly once, in
+/// the order the HTTP cursor gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_resumes_after_an_api_restart_with_every_event_once_in_order() {
+    let env = Env::new();
+    let mut api = env.api(&[]);
+    let _w = env.worker(FAST);
+    for i in 0..4 {
+        api.device(&format!("feed-{i}"), "lab", json!({})).await;
+    }
+    let (_, start) = page_all(&api, "0", "").await;
+    let mut ws = connect(&api, &format!("since={start}&topics=runs")).await;
+    let mut runs = Vec::new();
+    for _ in 0..12 {
+        runs.push(api.start("sleep", json!({"params": {"ms": 150}, "device": {"pool": "lab"}})).await);
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        got.push(next_event(&mut ws, Duration::from_secs(10)).await.expect("events while runs flow"));
+    }
+    api.proc.sigkill();
+    // Drain what the dead process had already sent.
+    while let Some(e) = next_event(&mut ws, Duration::from_millis(500)).await {
+        got.push(e);
+    }
+    let api = env.api(&[]);
+    for _ in 0..8 {
+        runs.push(api.start("sleep", json!({"params": {"ms": 50}, "device": {"pool": "lab"}})).await);
+    }
+    let last = got.last().unwrap()["id"].as_i64().unwrap();
+    let mut ws = connect(&api, &format!("since={last}&topics=runs")).await;
+    for run in &runs {
+        api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    }
+    let (expected, _) = page_all(&api, &start, "&topics=runs").await;
+    while got.len() < expected.len() {
+        match next_event(&mut ws, Duration::from_secs(10)).await {
+            Some(e) => got.push(e),
+            None => break,
+        }
+    }
+    assert_eq!(ids(&got), ids(&expected), "every event once, in feed order");
+    let finished = got.iter().filter(|e| e["type"] == "run.finished").count();
+    assert_eq!(finished, runs.len(), "each run's end, once");
+    assert!(got.iter().all(|e| e["type"].as_str().unwrap().starts_with("run.")), "topics=runs only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_filters_and_refuses_bad_cursors_and_topics() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let d = api.device("feed-f-1", "lab", json!({})).await;
+    api.device("feed-f-2", "other", json!({})).await;
+    let (all, _) = page_all(&api, "0", "").await;
+    assert!(all.iter().any(|e| e["type"] == "device.created"), "{all:?}");
+    let (mine, _) = page_all(&api, "0", &format!("&device_id={}", d["id"].as_str().unwrap())).await;
+    assert!(!mine.is_empty() && mine.iter().all(|e| e["device_id"] == d["id"]), "{mine:?}");
+    let (lab, _) = page_all(&api, "0", "&pool=lab").await;
+    assert_eq!(ids(&lab), ids(&mine));
+    let (none, _) = page_all(&api, "0", "&topics=schedules").await;
+    assert!(none.is_empty());
+    let r = api.get("/api/v1/events?topics=runs,bogus").await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (422, Some("validation_failed")), "{:?}", r.body);
+    let r = api.get("/api/v1/events?since=999999999").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    // The token may come in the query, for browsers.
+    let url = format!("{}/api/v1/ws?since=0&token={ADMIN_TOKEN}", api.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("a token in the query opens the feed");
+    assert!(next_event(&mut ws, Duration::from_secs(5)).await.is_some());
+    let bad = format!("{}/api/v1/ws?token=wrong", api.base.replace("http://", "ws://"));
+    assert!(tokio_tungstenite::connect_async(bad).await.is_err(), "a wrong token opens nothing");
+}
