@@ -1,6 +1,7 @@
 //! `switchboard`: one binary, one subcommand per role.
 
 mod bench;
+mod watch;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -60,6 +61,11 @@ enum Command {
         #[command(flatten)]
         bench: bench::BenchConfig,
     },
+    /// Follow the event feed in a terminal (reconnects and resumes by itself).
+    Watch {
+        #[command(flatten)]
+        watch: watch::WatchConfig,
+    },
     /// Everything in one process, with a simulated device farm: for trying Switchboard.
     Dev {
         #[command(flatten)]
@@ -103,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init("text");
             bench::run(bench).await
         }
+        Command::Watch { watch } => watch::run(watch).await,
         Command::Dev { common, api, worker, scheduler } => {
             telemetry::init(&common.log_format);
             dev(common, api, worker, scheduler).await

@@ -132,7 +132,11 @@ async fn a_follower_resumes_after_an_api_restart_with_every_event_once_in_order(
     for run in &runs {
         api.wait_terminal(run["id"].as_str().unwrap(), Duration::from_secs(60)).await;
     }
-    let (expected, _) = page_all(&api, &start, "&topics=runs").await;
+    let expected = eventually(Duration::from_secs(10), "every run's end served", || async {
+        let (all, _) = page_all(&api, &start, "&topics=runs").await;
+        (all.iter().filter(|e| e["type"] == "run.finished").count() == runs.len()).then_some(all)
+    })
+    .await;
     while got.len() < expected.len() {
         match next_event(&mut ws, Duration::from_secs(10)).await {
             Some(e) => got.push(e),
@@ -151,8 +155,13 @@ async fn the_feed_filters_and_refuses_bad_cursors_and_topics() {
     let api = env.api(&[]);
     let d = api.device("feed-f-1", "lab", json!({})).await;
     api.device("feed-f-2", "other", json!({})).await;
-    let (all, _) = page_all(&api, "0", "").await;
-    assert!(all.iter().any(|e| e["type"] == "device.created"), "{all:?}");
+    // Served once every transaction that began before theirs has ended (the server is
+    // shared: other tests' transactions count too).
+    eventually(Duration::from_secs(10), "both devices' events served", || async {
+        let (all, _) = page_all(&api, "0", "").await;
+        (all.iter().filter(|e| e["type"] == "device.created").count() == 2).then_some(())
+    })
+    .await;
     let (mine, _) = page_all(&api, "0", &format!("&device_id={}", d["id"].as_str().unwrap())).await;
     assert!(!mine.is_empty() && mine.iter().all(|e| e["device_id"] == d["id"]), "{mine:?}");
     let (lab, _) = page_all(&api, "0", "&pool=lab").await;
@@ -169,4 +178,57 @@ async fn the_feed_filters_and_refuses_bad_cursors_and_topics() {
     assert!(next_event(&mut ws, Duration::from_secs(5)).await.is_some());
     let bad = format!("{}/api/v1/ws?token=wrong", api.base.replace("http://", "ws://"));
     assert!(tokio_tungstenite::connect_async(bad).await.is_err(), "a wrong token opens nothing");
+}
+
+/// `switchboard watch` follows one run; its connection is cut twice on the way; it
+/// reconnects by itself and prints each of the run's events once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnects_and_prints_each_event_of_a_run_once() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _w = env.worker(FAST);
+    api.device("watch-1", "lab", json!({})).await;
+    let upstream = api.base.trim_start_matches("http://").to_string();
+    let proxy = Proxy::start(&upstream).await;
+    // A workflow of six slow steps: events keep coming while the connection is cut.
+    let steps: Vec<Value> = (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 400}})).collect();
+    let wf = api.post("/api/v1/workflows", json!({"name": "watched", "steps": steps})).await;
+    assert_eq!(wf.status, 201, "{:?}", wf.body);
+    let run = api
+        .post(
+            &format!("/api/v1/workflows/{}/runs", wf.body["id"].as_str().unwrap()),
+            json!({"device": {"pool": "lab"}}),
+        )
+        .await;
+    let id = run.body["id"].as_str().unwrap().to_string();
+    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["watch", "--since", "0", "--json", "--run", &id, "--url", &format!("http://127.0.0.1:{}", proxy.port)])
+        .env("SWITCHBOARD_TOKEN", ADMIN_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.restore();
+    }
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let expected = eventually(Duration::from_secs(10), "the run's end served", || async {
+        let (all, _) = page_all(&api, "0", &format!("&run_id={id}")).await;
+        all.iter().any(|e| e["type"] == "run.finished").then_some(all)
+    })
+    .await;
+    // Give it time to print the last events, then stop it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    let out = watch.wait_with_output().unwrap();
+    let printed: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.matches("reconnecting").count() >= 1, "it never had to reconnect: {stderr}");
+    assert!(!stderr.contains(ADMIN_TOKEN), "the token was printed");
+    assert_eq!(ids(&printed), ids(&expected), "each event once, in order; stderr: {stderr}");
 }
