@@ -232,3 +232,65 @@ async fn watch_reconnects_and_prints_each_event_of_a_run_once() {
     assert!(!stderr.contains(ADMIN_TOKEN), "the token was printed");
     assert_eq!(ids(&printed), ids(&expected), "each event once, in order; stderr: {stderr}");
 }
+
+/// Reads the socket to its close frame, counting the events before it.
+async fn read_to_close(ws: &mut Socket, within: Duration) -> (Vec<i64>, Option<u16>) {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match msg {
+            Message::Text(t) => got.push(serde_json::from_str::<Value>(&t).unwrap()["id"].as_i64().unwrap()),
+            Message::Close(frame) => return (got, frame.map(|f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+    (got, None)
+}
+
+/// A client that stops reading is closed with 4008 once a send waits past the send
+/// timeout: the server never buffers for it beyond one batch. What it did receive is
+/// the feed's beginning, in order, so it can resume with `since`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_4008_and_can_resume() {
+    let env = Env::new();
+    let api = env.api(&[("SWITCHBOARD_WS_SEND_TIMEOUT_S", "1")]);
+    // Far more than socket buffers hold: 20,000 events of 2 kB.
+    let pg = env.pg().await;
+    sqlx::query(
+        "INSERT INTO events (type, data) SELECT 'device.updated', jsonb_build_object('pad', repeat('x', 2000))
+         FROM generate_series(1, 20000)",
+    )
+    .execute(&pg)
+    .await
+    .unwrap();
+    let mut ws = connect(&api, "since=0").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (got, code) = read_to_close(&mut ws, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(4008), "closed as too slow after {} events", got.len());
+    assert!(!got.is_empty() && got.len() < 20_000, "{} events before the close", got.len());
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+    // It resumes where it stopped, and reading along, gets the rest.
+    let mut ws = connect(&api, &format!("since={}", got.last().unwrap())).await;
+    let next = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert!(next["id"].as_i64().unwrap() > *got.last().unwrap());
+}
+
+/// A peer that does not answer pings is closed (4001) by the next ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_pong_is_closed() {
+    let env = Env::new();
+    let api = env.api(&[("SWITCHBOARD_WS_PING_S", "1")]);
+    let mut ws = connect(&api, "").await;
+    // Not reading means not answering the pings.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let (_, code) = read_to_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(4001));
+    // One that answers stays.
+    let mut ws = connect(&api, "").await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        if let Ok(Some(Ok(Message::Close(f)))) = tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            panic!("closed although it answered every ping: {f:?}");
+        }
+    }
+}

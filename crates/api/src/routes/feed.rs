@@ -30,6 +30,10 @@ use crate::{
 /// Events a WebSocket read takes at once.
 const WS_BATCH: i64 = 200;
 
+/// How long the close frame may wait to be sent: behind a slow consumer's full buffer
+/// it goes out only once the client reads again; past this the connection is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Close code: the client did not keep up (a send waited past the send timeout); it
 /// should reconnect with `since` = the last event id it received.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -188,7 +192,7 @@ async fn follow(state: AppState, mut socket: WebSocket, filter: Filter, mut at: 
     state.ws_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let (code, why) = reason;
     let frame = CloseFrame { code, reason: Utf8Bytes::from_static(why) };
-    let _ = tokio::time::timeout(send_timeout, socket.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
 }
 
 /// Sends events in order; a send that waits past `timeout` closes a slow consumer
