@@ -48,6 +48,13 @@ pub struct BenchConfig {
     /// seconds (0 skips it).
     #[arg(long, default_value_t = 0)]
     pub fire_lag_seconds: u64,
+    /// Also measure the WebSocket feed: this many clients on the api process follow
+    /// every event while `feed_runs` runs go through (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub feed_clients: usize,
+    /// Runs started while the feed clients follow.
+    #[arg(long, default_value_t = 1000)]
+    pub feed_runs: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -161,7 +168,7 @@ impl Deployment {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -193,7 +200,7 @@ where
     Ok(out)
 }
 
-async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+pub(crate) async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
     let resp = http
         .post(format!("{base}/api/v1/modules/sleep/runs"))
         .bearer_auth(TOKEN)
@@ -207,7 +214,7 @@ async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Result<String>
     Ok(body["id"].as_str().unwrap_or_default().to_string())
 }
 
-async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         let left = repo::stats::open_runs(pool).await?;
@@ -320,6 +327,11 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     }
     let fire_lag = if cfg.fire_lag_seconds > 0 { Some(fire_lag(cfg, dep, &http).await?) } else { None };
     let rss = dep.rss_kib();
+    let feed = if cfg.feed_clients > 0 {
+        Some(crate::bench_feed::measure(cfg, &dep.base, TOKEN, &dep.pool, dep.children[0].id()).await?)
+    } else {
+        None
+    };
     let pick = |key: &str, i: usize| median(rounds.iter().map(|r| r[key][i].as_f64().unwrap_or(f64::NAN)).collect());
     let pick1 = |key: &str| median(rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect());
     let e2s_p50 = pick("enqueue_to_start_ms", 0);
@@ -337,6 +349,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         "memory_rss_mib": {"api": rss.first().copied().unwrap_or(0) as f64 / 1024.0, "worker": rss.get(1).copied().unwrap_or(0) as f64 / 1024.0,
                            "scheduler": rss.get(2).copied().unwrap_or(0) as f64 / 1024.0},
         "schedule_fire_lag_ms": fire_lag,
+        "feed": feed,
         "rounds": rounds,
     }))
 }
@@ -426,6 +439,19 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
         f(&r["memory_rss_mib"]["worker"]),
         f(&r["memory_rss_mib"]["scheduler"])
     );
+    if r["feed"].is_object() {
+        let l = &r["feed"];
+        println!(
+            "  feed: {} WebSocket clients, {} runs, {} events each: delivered to all {}; latency p50 {} ms  p99 {} ms; api RSS {} MiB",
+            l["clients"],
+            l["runs"],
+            l["events_per_client"],
+            l["complete"],
+            f(&l["delivery_ms"]["p50"]),
+            f(&l["delivery_ms"]["p99"]),
+            f(&l["api_rss_mib"])
+        );
+    }
     if r["schedule_fire_lag_ms"].is_object() {
         let l = &r["schedule_fire_lag_ms"];
         println!(

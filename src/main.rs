@@ -1,6 +1,7 @@
 //! `switchboard`: one binary, one subcommand per role.
 
 mod bench;
+mod bench_feed;
 mod watch;
 
 use anyhow::Context;

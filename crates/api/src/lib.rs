@@ -59,8 +59,8 @@ pub struct AppState {
     pub limits: Arc<limits::Limits>,
     /// The counters `/metrics` keeps.
     pub metrics: Arc<tokio::sync::Mutex<routes::metrics::Tally>>,
-    /// The feed's head as this process last saw it: wakes WebSocket readers.
-    pub feed_head: Arc<tokio::sync::watch::Sender<switchboard_core::repo::feed::Position>>,
+    /// What the process-wide feed reader hands to WebSocket clients.
+    pub feed: tokio::sync::broadcast::Sender<Arc<routes::feed::Shared>>,
     /// WebSocket clients connected to this process.
     pub ws_clients: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -75,7 +75,7 @@ impl AppState {
             started_at: Instant::now(),
             usage: Default::default(),
             metrics: Default::default(),
-            feed_head: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+            feed: tokio::sync::broadcast::Sender::new(256),
             ws_clients: Default::default(),
         }
     }
@@ -184,7 +184,7 @@ pub async fn serve(
             }
         })
     };
-    let head = tokio::spawn(routes::feed::watch_head(pool.clone(), state.feed_head.clone(), shutdown.clone()));
+    let head = tokio::spawn(routes::feed::share(pool.clone(), state.feed.clone(), shutdown.clone()));
     let usage = {
         let (pool, usage, stop) = (pool.clone(), state.usage.clone(), shutdown.clone());
         tokio::spawn(async move {

@@ -14,12 +14,14 @@ use axum::{
     response::Response,
 };
 use serde::Serialize;
+use std::sync::{Arc, atomic::Ordering};
 use switchboard_core::{
     events::Event,
     ids::EventId,
     repo::feed::{self, Filter, Position, Topic},
 };
-use tokio::sync::watch;
+
+use tokio::sync::broadcast;
 
 use crate::{
     AppState,
@@ -154,123 +156,173 @@ pub async fn ws(
     Ok(upgrade.on_upgrade(move |socket| follow(state, socket, filter, start)))
 }
 
-/// Serves one WebSocket: reads the feed from `at` on, sends each event, waits for the
-/// head to move, pings.
-async fn follow(state: AppState, mut socket: WebSocket, filter: Filter, mut at: Position) {
-    let ping_every = Duration::from_secs(state.config.ws_ping_s.max(1));
-    let send_timeout = Duration::from_secs(state.config.ws_send_timeout_s.max(1));
-    let mut moved = state.feed_head.subscribe();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    let mut pong_due = false;
-    state.ws_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let reason = loop {
-        match feed::read(&state.engine.pool, at, &filter, WS_BATCH).await {
-            Err(e) => {
-                tracing::warn!(error = %e, "the feed could not be read; closing a WebSocket");
-                break (CLOSE_UNAVAILABLE, "the feed is unavailable; reconnect with since");
-            }
-            Ok(batch) => {
-                let full = batch.events.len() as i64 >= WS_BATCH;
-                if let Err(reason) = send_all(&mut socket, &batch.events, send_timeout).await {
-                    break reason;
-                }
-                at = batch.next;
-                if full {
-                    continue;
-                }
-            }
-        }
-        match wait(&mut socket, &mut moved, &mut ping, &mut pong_due, at).await {
-            Ok(()) => {}
-            Err(Some(reason)) => break reason,
-            Err(None) => {
-                state.ws_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
-        }
-    };
-    state.ws_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    let (code, why) = reason;
-    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(why) };
-    let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+/// What the process-wide reader found after `from`: every event up to `next`, each
+/// with its JSON written once for all clients.
+#[derive(Debug)]
+pub struct Shared {
+    /// Where the read started.
+    pub from: Position,
+    /// Where it ended: every event in `(from, next]` is in `events`.
+    pub next: Position,
+    /// The events, in feed order.
+    pub events: Vec<(Position, Event, Utf8Bytes)>,
 }
 
-/// Sends events in order; a send that waits past `timeout` closes a slow consumer
-/// (nothing is buffered for it beyond one batch).
-async fn send_all(
-    socket: &mut WebSocket,
-    events: &[(Position, Event)],
-    timeout: Duration,
-) -> Result<(), (u16, &'static str)> {
-    for (_, event) in events {
-        let text = serde_json::to_string(event).unwrap_or_default();
-        match tokio::time::timeout(timeout, socket.send(Message::Text(text.into()))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err((1001, "")),
-            Err(_) => return Err((CLOSE_SLOW_CONSUMER, "too slow: reconnect with since=<last event id>")),
-        }
-    }
-    Ok(())
-}
+/// Events the process-wide reader takes at once.
+const SHARED_BATCH: i64 = 1000;
 
-/// Waits until the feed's head passes `at`, answering the client meanwhile: pings on
-/// time, closes a peer that did not pong, and returns `Err(None)` when it went away.
-async fn wait(
-    socket: &mut WebSocket,
-    moved: &mut watch::Receiver<Position>,
-    ping: &mut tokio::time::Interval,
-    pong_due: &mut bool,
-    at: Position,
-) -> Result<(), Option<(u16, &'static str)>> {
+/// The one reader of the feed on this api process: it follows the head (an index read
+/// every 25 ms while idle), reads what is new once, and hands it to every WebSocket
+/// client that is caught up. Clients that are behind, or that fall behind (the
+/// channel keeps the last 256 reads), read the database themselves; nothing is held
+/// for a slow client. The events table stays the record: a process that dies loses
+/// nothing its clients cannot read again with `since`.
+pub async fn share(pool: sqlx::PgPool, out: broadcast::Sender<Arc<Shared>>, stop: tokio_util::sync::CancellationToken) {
+    let mut at = None;
     loop {
-        if *moved.borrow_and_update() > at {
-            return Ok(());
-        }
-        tokio::select! {
-            changed = moved.changed() => {
-                if changed.is_err() {
-                    return Err(Some((1001, "the server is stopping")));
-                }
+        let full = match at {
+            None => {
+                at = feed::head(&pool).await.ok();
+                false
             }
-            _ = ping.tick() => {
-                if *pong_due {
-                    return Err(Some((CLOSE_NO_PONG, "no pong within the ping interval")));
+            Some(from) => match feed::read(&pool, from, &Filter::default(), SHARED_BATCH).await {
+                Ok(batch) if batch.next > from => {
+                    let full = batch.events.len() as i64 >= SHARED_BATCH;
+                    let events = batch
+                        .events
+                        .into_iter()
+                        .map(|(p, e)| {
+                            let json = serde_json::to_string(&e).unwrap_or_default();
+                            (p, e, Utf8Bytes::from(json))
+                        })
+                        .collect();
+                    at = Some(batch.next);
+                    let _ = out.send(Arc::new(Shared { from, next: batch.next, events }));
+                    full
                 }
-                *pong_due = true;
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return Err(None);
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the shared feed reader could not read");
+                    false
                 }
-            }
-            incoming = socket.recv() => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(None),
-                Some(Ok(Message::Pong(_))) => *pong_due = false,
-                Some(Ok(_)) => {}
             },
-        }
-    }
-}
-
-/// Follows the feed's head for this process (one cheap index read every 100 ms), so
-/// WebSocket readers wake when there is something new instead of each polling. The
-/// events table stays the record: this only wakes.
-pub async fn watch_head(
-    pool: sqlx::PgPool,
-    head: std::sync::Arc<watch::Sender<Position>>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        if let Ok(p) = feed::head(&pool).await {
-            head.send_if_modified(|h| {
-                let newer = p > *h;
-                if newer {
-                    *h = p;
-                }
-                newer
-            });
+        };
+        if full {
+            continue;
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+        }
+    }
+}
+
+/// Why a WebSocket ends: a close frame to send, or the peer already gone.
+type End = Option<(u16, &'static str)>;
+
+/// One WebSocket client's connection and state.
+struct Client {
+    socket: WebSocket,
+    filter: Filter,
+    at: Position,
+    send_timeout: Duration,
+    ping: tokio::time::Interval,
+    pong_due: bool,
+}
+
+/// Serves one WebSocket: catches up from the database, then takes what the shared
+/// reader hands out, back to the database whenever it is behind it.
+async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position) {
+    let ping_every = Duration::from_secs(state.config.ws_ping_s.max(1));
+    let mut c = Client {
+        socket,
+        filter,
+        at,
+        send_timeout: Duration::from_secs(state.config.ws_send_timeout_s.max(1)),
+        ping: tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every),
+        pong_due: false,
+    };
+    // Subscribed before catching up, so nothing handed out meanwhile is missed.
+    let mut shared = state.feed.subscribe();
+    state.ws_clients.fetch_add(1, Ordering::Relaxed);
+    let end = loop {
+        if let Err(end) = c.catch_up(&state.engine.pool).await {
+            break end;
+        }
+        if let Err(end) = c.live(&mut shared).await {
+            break end;
+        }
+    };
+    state.ws_clients.fetch_sub(1, Ordering::Relaxed);
+    if let Some((code, why)) = end {
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(why) };
+        let _ = tokio::time::timeout(CLOSE_GRACE, c.socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+impl Client {
+    /// Reads the database from `at` until a read comes back short (caught up).
+    async fn catch_up(&mut self, pool: &sqlx::PgPool) -> Result<(), End> {
+        loop {
+            let batch = feed::read(pool, self.at, &self.filter, WS_BATCH).await.map_err(|e| {
+                tracing::warn!(error = %e, "the feed could not be read; closing a WebSocket");
+                Some((CLOSE_UNAVAILABLE, "the feed is unavailable; reconnect with since"))
+            })?;
+            for (_, event) in &batch.events {
+                let text = serde_json::to_string(event).unwrap_or_default();
+                self.send(Utf8Bytes::from(text)).await?;
+            }
+            self.at = batch.next;
+            if (batch.events.len() as i64) < WS_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes the shared reads while they follow on from `at`; returns `Ok` when the
+    /// client must read the database again (behind, or a filter only it can apply).
+    async fn live(&mut self, shared: &mut broadcast::Receiver<Arc<Shared>>) -> Result<(), End> {
+        loop {
+            tokio::select! {
+                got = shared.recv() => match got {
+                    Ok(b) if b.next <= self.at => {}
+                    Ok(b) if b.from > self.at || self.filter.needs_database() => return Ok(()),
+                    Ok(b) => {
+                        for (p, e, json) in &b.events {
+                            if *p > self.at && self.filter.matches(e) == Some(true) {
+                                self.send(json.clone()).await?;
+                            }
+                        }
+                        self.at = b.next;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
+                    Err(broadcast::error::RecvError::Closed) => return Err(Some((1001, "the server is stopping"))),
+                },
+                _ = self.ping.tick() => {
+                    if self.pong_due {
+                        return Err(Some((CLOSE_NO_PONG, "no pong within the ping interval")));
+                    }
+                    self.pong_due = true;
+                    if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                incoming = self.socket.recv() => match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(None),
+                    Some(Ok(Message::Pong(_))) => self.pong_due = false,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    /// Sends one event; a send that waits past the send timeout closes a slow consumer
+    /// (nothing is buffered for it beyond what it is being sent).
+    async fn send(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        match tokio::time::timeout(self.send_timeout, self.socket.send(Message::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(None),
+            Err(_) => Err(Some((CLOSE_SLOW_CONSUMER, "too slow: reconnect with since=<last event id>"))),
         }
     }
 }

@@ -101,6 +101,26 @@ pub struct Filter {
     pub pool: Option<String>,
 }
 
+impl Filter {
+    /// Whether judging an event takes the database (a campaign or pool filter).
+    pub fn needs_database(&self) -> bool {
+        self.campaign_id.is_some() || self.pool.is_some()
+    }
+
+    /// Whether an event passes, when the event alone can tell (`None` with a campaign or
+    /// pool filter: those need the database).
+    pub fn matches(&self, e: &Event) -> Option<bool> {
+        if self.needs_database() {
+            return None;
+        }
+        let prefix = e.kind.as_str().split('.').next().unwrap_or("");
+        let topic = self.topics.is_empty() || self.topics.iter().any(|t| t.prefix() == prefix);
+        let run = self.run_id.is_none_or(|r| e.run_id == Some(r));
+        let device = self.device_id.is_none_or(|d| e.device_id == Some(d));
+        Some(topic && run && device)
+    }
+}
+
 /// Where a client's cursor puts it: just after event `id`. `None` when there is no
 /// such event.
 pub async fn position_of(pool: &PgPool, id: EventId) -> CoreResult<Option<Position>> {
@@ -251,6 +271,23 @@ mod tests {
         // An event of an older transaction comes first even with a larger id.
         assert!(at(10, 50) < at(11, 7));
         assert!(at(11, 7) < at(11, 8));
+    }
+
+    #[test]
+    fn filters_the_event_alone_can_answer() {
+        let (_, mut e) = event(at(1, 1));
+        let run = RunId::random();
+        e.kind = EventKind::RunFinished;
+        e.run_id = Some(run);
+        let f = |filter: Filter| filter.matches(&e);
+        assert_eq!(f(Filter::default()), Some(true));
+        assert_eq!(f(Filter { topics: vec![Topic::Runs], ..Filter::default() }), Some(true));
+        assert_eq!(f(Filter { topics: vec![Topic::Devices, Topic::Hosts], ..Filter::default() }), Some(false));
+        assert_eq!(f(Filter { run_id: Some(run), ..Filter::default() }), Some(true));
+        assert_eq!(f(Filter { run_id: Some(RunId::random()), ..Filter::default() }), Some(false));
+        assert_eq!(f(Filter { device_id: Some(DeviceId::random()), ..Filter::default() }), Some(false));
+        assert_eq!(f(Filter { pool: Some("lab".into()), ..Filter::default() }), None);
+        assert_eq!(f(Filter { campaign_id: Some(run), ..Filter::default() }), None);
     }
 
     #[test]

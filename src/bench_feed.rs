@@ -1,0 +1,133 @@
+//! `switchboard bench --feed-clients N`: N WebSocket clients follow the feed on one api
+//! process while `--feed-runs` runs go through. Reported, not asserted: whether every
+//! client got every event of those runs exactly once and in feed order, the delivery
+//! latency (from the event's write, `at`, to its arrival at a client) and the api's
+//! RSS with the clients connected.
+
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+use crate::bench::{BenchConfig, percentile, start_run, wait_idle};
+
+/// What one client saw: event ids in arrival order, and each delivery's latency (ms).
+struct Seen {
+    ids: Vec<i64>,
+    latency_ms: Vec<f64>,
+}
+
+async fn follow(url: String, token: String, want: usize, deadline: Instant) -> anyhow::Result<Seen> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut seen = Seen { ids: Vec::with_capacity(want), latency_ms: Vec::with_capacity(want) };
+    while seen.ids.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(msg)) = tokio::time::timeout(left, ws.next()).await else { break };
+        if let Message::Text(text) = msg? {
+            let now = chrono::Utc::now();
+            let e: Value = serde_json::from_str(&text)?;
+            let at: chrono::DateTime<chrono::Utc> = e["at"].as_str().context("at")?.parse()?;
+            seen.latency_ms.push((now - at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            seen.ids.push(e["id"].as_i64().context("id")?);
+        }
+    }
+    Ok(seen)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<f64>().ok()))
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Runs the feed measurement against the deployment at `base`.
+pub async fn measure(cfg: &BenchConfig, base: &str, token: &str, pool: &PgPool, api_pid: u32) -> anyhow::Result<Value> {
+    eprintln!("feed: {} WebSocket clients, {} runs ...", cfg.feed_clients, cfg.feed_runs);
+    wait_idle(pool, Duration::from_secs(60)).await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    // Every client starts from the same place: the last event there is now.
+    let first: Value =
+        http.get(format!("{base}/api/v1/events?since=0&limit=1")).bearer_auth(token).send().await?.json().await?;
+    let since = head(&http, base, token, first["next_cursor"].as_str().unwrap_or("0")).await?;
+    // Each run writes queued, started and finished.
+    let want = cfg.feed_runs * 3;
+    let url = format!("{}/api/v1/ws?since={since}&topics=runs", base.replace("http://", "ws://"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let clients: Vec<_> =
+        (0..cfg.feed_clients).map(|_| tokio::spawn(follow(url.clone(), token.to_string(), want, deadline))).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = rss_mib(api_pid);
+    let per_client = cfg.feed_runs / cfg.clients.max(1);
+    let mut starters = Vec::new();
+    for i in 0..cfg.clients.max(1) {
+        let (http, base) = (http.clone(), base.to_string());
+        let n = per_client + usize::from(i < cfg.feed_runs % cfg.clients.max(1));
+        starters.push(tokio::spawn(async move {
+            for _ in 0..n {
+                start_run(&http, &base).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut rss_peak = rss_idle;
+    for s in starters {
+        s.await??;
+        rss_peak = rss_peak.max(rss_mib(api_pid));
+    }
+    wait_idle(pool, Duration::from_secs(600)).await?;
+    rss_peak = rss_peak.max(rss_mib(api_pid));
+    let mut latencies = Vec::new();
+    let mut complete = 0;
+    let mut reference: Option<Vec<i64>> = None;
+    for c in clients {
+        let seen = c.await??;
+        let unique: HashSet<_> = seen.ids.iter().collect();
+        let ordered = seen.ids.windows(2).all(|w| w[0] != w[1]);
+        let same = reference.get_or_insert_with(|| seen.ids.clone()) == &seen.ids;
+        if seen.ids.len() == want && unique.len() == want && ordered && same {
+            complete += 1;
+        }
+        latencies.extend(seen.latency_ms);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(json!({
+        "clients": cfg.feed_clients,
+        "runs": cfg.feed_runs,
+        "events_per_client": want,
+        "complete": format!("{complete}/{}", cfg.feed_clients),
+        "delivery_ms": {"p50": percentile(&latencies, 0.50), "p99": percentile(&latencies, 0.99), "max": latencies.last()},
+        "api_rss_mib": rss_peak,
+        "api_rss_idle_mib": rss_idle,
+    }))
+}
+
+/// The feed's head: pages from `from` to the end.
+async fn head(http: &reqwest::Client, base: &str, token: &str, from: &str) -> anyhow::Result<String> {
+    let mut cursor = from.to_string();
+    loop {
+        let page: Value = http
+            .get(format!("{base}/api/v1/events?since={cursor}&limit=500"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if let Some(next) = page["next_cursor"].as_str() {
+            cursor = next.to_string();
+        }
+        if page["items"].as_array().is_none_or(|i| i.is_empty()) {
+            return Ok(cursor);
+        }
+    }
+}
