@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{Env, FAST, Proxy, eventually, ts, types, with};
+use crate::harness::{ADMIN_TOKEN, Env, FAST, Proxy, eventually, json_logs, ts, types, with};
 
 fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["type"] == kind).count()
@@ -369,7 +369,11 @@ async fn the_api_answers_503_while_postgres_is_cut_off_and_recovers() {
     let env = Env::new();
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let via_proxy = env.database_url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
-    let api = env.api(&[("DATABASE_URL", &via_proxy), ("SWITCHBOARD_REQUEST_TIMEOUT_S", "4")]);
+    let api = env.api(&[
+        ("DATABASE_URL", &via_proxy),
+        ("SWITCHBOARD_REQUEST_TIMEOUT_S", "4"),
+        ("SWITCHBOARD_LOG_FORMAT", "json"),
+    ]);
     let _w = env.worker(&[]);
     api.device("dur-pg-1", "lab", json!({})).await;
     let before = api.start("sleep", json!({"params": {"ms": 1500}, "device": {"pool": "lab"}})).await;
@@ -393,6 +397,20 @@ async fn the_api_answers_503_while_postgres_is_cut_off_and_recovers() {
     assert!(started.elapsed() < Duration::from_millis(2500), "health took {:?}", started.elapsed());
     let refused = api.post("/api/v1/modules/sleep/runs", json!({"params": {"ms": 1}, "device": {"pool": "lab"}})).await;
     assert_eq!(refused.status, 503, "not accepted while the database is unreachable");
+    // The log has what the answer leaves out, under the request's id.
+    let r = api
+        .client
+        .get(format!("{}/api/v1/devices", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("x-request-id", "pg-cut-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    eventually(Duration::from_secs(10), "the request's log line", || async {
+        json_logs(&env, "api").into_iter().find(|l| l["span"]["request_id"] == "pg-cut-1" && l["level"] == "WARN")
+    })
+    .await;
 
     proxy.restore();
     let r = eventually(Duration::from_secs(20), "api back to 200", || async {

@@ -13,6 +13,7 @@ use axum::{
 };
 use futures::StreamExt;
 use serde_json::json;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use switchboard_core::{
@@ -56,7 +57,11 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
             // never cancelled halfway (a `begin()` cancelled mid-way leaves a pooled
             // connection inside a transaction: see `switchboard_core::db::Detached`).
             // Every request gets the timeout, whatever its headers say.
-            let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)));
+            // Every line logged while handling it carries the request id (its span's
+            // fields: `span.request_id` in JSON logs). The path, never the query: a
+            // WebSocket's `?token=` stays out of the log.
+            let span = tracing::info_span!("request", request_id = %rid, method = %method, path = %path);
+            let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)).instrument(span));
             let resp = match tokio::time::timeout(timeout, &mut handler).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
