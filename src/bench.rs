@@ -55,6 +55,10 @@ pub struct BenchConfig {
     /// Runs started while the feed clients follow.
     #[arg(long, default_value_t = 1000)]
     pub feed_runs: usize,
+    /// Also measure what a `/metrics` scrape costs before and after this many finished
+    /// runs (and twice as many events) are added to the history (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub scrape_history: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -327,6 +331,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     }
     let fire_lag = if cfg.fire_lag_seconds > 0 { Some(fire_lag(cfg, dep, &http).await?) } else { None };
     let rss = dep.rss_kib();
+    let scrape = if cfg.scrape_history > 0 { Some(scrape_cost(cfg, dep, &http, &id).await?) } else { None };
     let feed = if cfg.feed_clients > 0 {
         Some(crate::bench_feed::measure(cfg, &dep.base, TOKEN, &dep.pool, dep.children[0].id()).await?)
     } else {
@@ -350,7 +355,56 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
                            "scheduler": rss.get(2).copied().unwrap_or(0) as f64 / 1024.0},
         "schedule_fire_lag_ms": fire_lag,
         "feed": feed,
+        "metrics_scrape_ms": scrape,
         "rounds": rounds,
+    }))
+}
+
+/// `/metrics` scrape time (median of 30) with the history as it is, then with
+/// `scrape_history` more finished runs and twice as many events: a scrape reads no
+/// history, so the two should match.
+async fn scrape_cost(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client, run: &str) -> anyhow::Result<Value> {
+    let scrape = || async {
+        let times = timed(30, || async {
+            http.get(format!("{}/metrics", dep.base)).send().await?.bytes().await.map(|_| ()).map_err(Into::into)
+        })
+        .await?;
+        anyhow::Ok(median(times))
+    };
+    let runs_before: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&dep.pool).await?;
+    let before = scrape().await?;
+    eprintln!("metrics scrape: adding {} finished runs to the history ...", cfg.scrape_history);
+    let run: uuid::Uuid = run.parse()?;
+    // Copies of a finished run (new ids), each with a queued and a finished event: one
+    // long statement, past the pool's statement timeout.
+    let mut tx = dep.pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+    sqlx::query(
+        "WITH copies AS (
+             INSERT INTO runs SELECT (jsonb_populate_record(NULL::runs, to_jsonb(r)
+                 || jsonb_build_object('id', gen_random_uuid(), 'idempotency_key', NULL, 'idempotency_scope', NULL))).*
+             FROM runs r, generate_series(1, $2) WHERE r.id = $1 RETURNING id, kind)
+         INSERT INTO events (type, run_id, data)
+         SELECT t, c.id, jsonb_build_object('status', 'succeeded') FROM copies c, unnest(ARRAY['run.queued', 'run.finished']) t",
+    )
+    .bind(run)
+    .bind(cfg.scrape_history as i64)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    sqlx::query("ANALYZE runs").execute(&dep.pool).await?;
+    sqlx::query("ANALYZE events").execute(&dep.pool).await?;
+    // The first scrape after takes the new events into its counters once.
+    let first_after = timed(1, || async {
+        http.get(format!("{}/metrics", dep.base)).send().await?.bytes().await.map(|_| ()).map_err(Into::into)
+    })
+    .await?;
+    // Past the feed's 5 s settle margin, which the newest events are still inside.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = scrape().await?;
+    Ok(json!({
+        "runs_before": runs_before, "runs_after": runs_before + cfg.scrape_history as i64,
+        "p50_before": before, "p50_after": after, "ratio": after / before, "first_scrape_after": first_after[0],
     }))
 }
 
@@ -439,6 +493,18 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
         f(&r["memory_rss_mib"]["worker"]),
         f(&r["memory_rss_mib"]["scheduler"])
     );
+    if r["metrics_scrape_ms"].is_object() {
+        let m = &r["metrics_scrape_ms"];
+        println!(
+            "  GET /metrics                  p50 {} ms at {} runs, {} ms at {} runs (x{}); first scrape after the insert {} ms",
+            f(&m["p50_before"]),
+            m["runs_before"],
+            f(&m["p50_after"]),
+            m["runs_after"],
+            f(&m["ratio"]),
+            f(&m["first_scrape_after"])
+        );
+    }
     if r["feed"].is_object() {
         let l = &r["feed"];
         println!(
