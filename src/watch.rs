@@ -87,7 +87,12 @@ enum Ended {
 async fn follow(cfg: &WatchConfig, since: &mut Option<i64>, printed: &mut u64) -> anyhow::Result<Ended> {
     let mut req = feed_url(cfg, *since)?.into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {}", cfg.token).parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    // Without `--since`, the server starts from its head and says where that is: from
+    // then on a reconnection resumes there, even before the first event.
+    if since.is_none() {
+        *since = resp.headers().get("x-feed-cursor").and_then(|v| v.to_str().ok()?.parse().ok());
+    }
     eprintln!("switchboard watch: following {} (since {})", cfg.url, since.map_or("now".into(), |s| s.to_string()));
     while let Some(msg) = ws.next().await {
         match msg? {

@@ -56,7 +56,7 @@ async fn a_run_goes_through_a_host_agent_and_every_call_is_authenticated() {
     assert_eq!((h["name"].as_str(), h["status"].as_str()), (Some("bench-3"), Some("online")));
     assert_eq!(h["url"], agent.base);
     assert!(h.get("secret").is_none(), "the secret is shown once, at registration");
-    let (status, _) = eventually(Duration::from_secs(10), "HOST1 reported", || phone_status(&api, &id, "HOST1")).await;
+    let (status, _) = eventually(Duration::from_secs(20), "HOST1 reported", || phone_status(&api, &id, "HOST1")).await;
     assert_eq!(status, "online");
     let phone = host(&api, &id).await["devices"][0].clone();
     assert_eq!((phone["driver"].as_str(), phone["host_id"].as_str()), (Some("host"), Some(id.as_str())));

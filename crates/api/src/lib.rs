@@ -75,7 +75,7 @@ impl AppState {
             started_at: Instant::now(),
             usage: Default::default(),
             metrics: Default::default(),
-            feed: tokio::sync::broadcast::Sender::new(256),
+            feed: tokio::sync::broadcast::Sender::new(32),
             ws_clients: Default::default(),
         }
     }

@@ -56,6 +56,8 @@ pub async fn serve(
             log_end(conn.await, peer);
         });
     }
+    // New connections are refused at once, not left in the backlog through the grace.
+    drop(listener);
     connections.close();
     if tokio::time::timeout(grace, connections.wait()).await.is_err() {
         tracing::warn!(open = connections.len(), "connections still open after the shutdown grace; dropping them");

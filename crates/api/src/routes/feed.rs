@@ -153,7 +153,14 @@ pub async fn ws(
         Some(p) => p,
         None => feed::head(&state.engine.pool).await?,
     };
-    Ok(upgrade.on_upgrade(move |socket| follow(state, socket, filter, start)))
+    // The feed's place at the start, for a client that gave no `since`: if it drops
+    // before its first event, it can resume from here without losing what came between.
+    let cursor = start.id.to_string();
+    let mut resp = upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| follow(state, socket, filter, start));
+    if let Ok(v) = axum::http::HeaderValue::from_str(&cursor) {
+        resp.headers_mut().insert("x-feed-cursor", v);
+    }
+    Ok(resp)
 }
 
 /// What the process-wide reader found after `from`: every event up to `next`, each
@@ -230,6 +237,14 @@ struct Client {
     pong_due: bool,
 }
 
+/// The ping timer: a tick missed while catching up is not made up for in a burst (two
+/// ticks back to back would close a live client as if it had not answered).
+fn ping_timer(every: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// Serves one WebSocket: catches up from the database, then takes what the shared
 /// reader hands out, back to the database whenever it is behind it.
 async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position) {
@@ -239,7 +254,7 @@ async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position
         filter,
         at,
         send_timeout: Duration::from_secs(state.config.ws_send_timeout_s.max(1)),
-        ping: tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every),
+        ping: ping_timer(ping_every),
         pong_due: false,
     };
     // Subscribed before catching up, so nothing handed out meanwhile is missed.
@@ -282,6 +297,9 @@ impl Client {
     /// Takes the shared reads while they follow on from `at`; returns `Ok` when the
     /// client must read the database again (behind, or a filter only it can apply).
     async fn live(&mut self, shared: &mut broadcast::Receiver<Arc<Shared>>) -> Result<(), End> {
+        // The time spent catching up (not reading the socket) is not held against it.
+        self.ping.reset();
+        self.pong_due = false;
         loop {
             tokio::select! {
                 got = shared.recv() => match got {
@@ -303,14 +321,18 @@ impl Client {
                         return Err(Some((CLOSE_NO_PONG, "no pong within the ping interval")));
                     }
                     self.pong_due = true;
-                    if self.socket.send(Message::Ping(Default::default())).await.is_err() {
-                        return Err(None);
+                    // Bounded like every send: a peer whose buffer stays full is closed,
+                    // not waited on for ever.
+                    match tokio::time::timeout(self.send_timeout, self.socket.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(None),
+                        Err(_) => return Err(Some((CLOSE_SLOW_CONSUMER, "too slow: reconnect with since=<last event id>"))),
                     }
                 }
                 incoming = self.socket.recv() => match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(None),
-                    Some(Ok(Message::Pong(_))) => self.pong_due = false,
-                    Some(Ok(_)) => {}
+                    // Any frame from the peer shows it is alive.
+                    Some(Ok(_)) => self.pong_due = false,
                 },
             }
         }

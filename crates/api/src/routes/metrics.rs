@@ -4,8 +4,8 @@
 //! A scrape costs no history scan: gauges read the open runs (partial indexes), the
 //! devices and the schedules; the counters of finished runs and the fire-lag
 //! histogram are kept by this process and moved on at each scrape by the window
-//! since the last one (events by primary key, scheduled runs by their `enqueued_at`
-//! index). They count from this process's first scrape, as Prometheus counters do
+//! since the last one (events along the feed's `(tx, id)` index, scheduled runs by
+//! their `enqueued_at` index). They count from this process's first scrape, as Prometheus counters do
 //! from a process start (`rate()` and `increase()` handle the reset).
 //! Written by hand for now: issue 11 moves it to the `metrics` crate's exporter.
 
@@ -18,7 +18,13 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use switchboard_core::{CoreResult, repo::stats};
+use switchboard_core::{
+    CoreResult,
+    repo::{
+        feed::{self, Position},
+        stats,
+    },
+};
 
 use crate::{
     AppState,
@@ -33,7 +39,7 @@ const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 #[derive(Debug, Default)]
 pub struct Tally {
     /// Where the windows end; `None` before the first scrape.
-    read_to: Option<(i64, DateTime<Utc>)>,
+    read_to: Option<(Position, DateTime<Utc>)>,
     finished: BTreeMap<(String, String), i64>,
     lag_buckets: Vec<i64>,
     lag_n: i64,
@@ -41,21 +47,27 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Moves the counters on by what settled since the last scrape.
+    /// Moves the counters on by what settled since the last scrape: finished runs up
+    /// to the feed's line, fire lags up to five seconds ago. Both windows are read
+    /// before either is counted, so a failed read counts nothing twice.
     async fn advance(&mut self, pool: &PgPool) -> CoreResult<()> {
-        let (event_to, time_to) = (stats::settled_event_id(pool).await?, stats::settled_now(pool).await?);
+        let (event_to, time_to) = (feed::head(pool).await?, stats::settled_now(pool).await?);
         let Some((event_from, time_from)) = self.read_to else {
             self.read_to = Some((event_to, time_to));
             self.lag_buckets = vec![0; LAG_BUCKETS.len()];
             return Ok(());
         };
-        if event_to > event_from {
-            for (kind, status, n) in stats::finished_between(pool, event_from, event_to).await? {
-                *self.finished.entry((kind.to_string(), status)).or_default() += n;
-            }
+        let finished =
+            if event_to > event_from { stats::finished_between(pool, event_from, event_to).await? } else { Vec::new() };
+        let lags = if time_to > time_from {
+            Some(stats::fire_lag_between(pool, LAG_BUCKETS, time_from, time_to).await?)
+        } else {
+            None
+        };
+        for (kind, status, n) in finished {
+            *self.finished.entry((kind.to_string(), status)).or_default() += n;
         }
-        if time_to > time_from {
-            let (buckets, n, sum) = stats::fire_lag_between(pool, LAG_BUCKETS, time_from, time_to).await?;
+        if let Some((buckets, n, sum)) = lags {
             self.lag_buckets.iter_mut().zip(buckets).for_each(|(b, c)| *b += c);
             self.lag_n += n;
             self.lag_sum += sum;

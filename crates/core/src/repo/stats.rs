@@ -8,7 +8,9 @@ use sqlx::PgPool;
 
 use crate::{
     CoreResult,
+    ids::EventId,
     model::{DeviceStatus, RunKind, RunStatus},
+    repo::feed::Position,
 };
 
 /// Runs waiting and running now.
@@ -75,28 +77,26 @@ pub async fn open_runs_by_status(pool: &PgPool) -> CoreResult<Vec<RunCount>> {
     .await?)
 }
 
-/// The newest event old enough that no transaction still open can commit one below
-/// it: event ids are taken when inserted, not when committed, so the newest ids may
-/// still have gaps that fill in. Five seconds is far longer than any transaction that
-/// writes a `run.finished`. A backward walk of the primary key over those seconds.
-pub async fn settled_event_id(pool: &PgPool) -> CoreResult<i64> {
-    Ok(sqlx::query_scalar!(
-        r#"SELECT COALESCE((SELECT id FROM events WHERE at < now() - interval '5 seconds' ORDER BY id DESC LIMIT 1), 0)
-           AS "id!""#
-    )
-    .fetch_one(pool)
-    .await?)
-}
-
-/// Runs finished by kind and end status among the events in `(after, upto]` (the
-/// `run.finished` events: one per run, written once), read by primary key.
-pub async fn finished_between(pool: &PgPool, after: i64, upto: i64) -> CoreResult<Vec<(RunKind, String, i64)>> {
+/// Runs finished by kind and end status among the events in the feed's stretch
+/// `(after, upto]` (the `run.finished` events: one per run, written once). Bounded by
+/// feed positions, below the line no open transaction can still write under
+/// (`repo::feed`), so an event committed late is counted once, never skipped; read
+/// along the `(tx, id)` index.
+pub async fn finished_between(
+    pool: &PgPool,
+    after: Position,
+    upto: Position,
+) -> CoreResult<Vec<(RunKind, String, i64)>> {
     let rows = sqlx::query!(
         r#"SELECT r.kind, e.data ->> 'status' AS "status!", count(*) AS "n!"
            FROM events e JOIN runs r ON r.id = e.run_id
-           WHERE e.id > $1 AND e.id <= $2 AND e.type = 'run.finished' GROUP BY 1, 2"#,
-        after,
-        upto
+           WHERE (e.tx, e.id) > ($1::text::xid8, $2) AND (e.tx, e.id) <= ($3::text::xid8, $4)
+             AND e.type = 'run.finished'
+           GROUP BY 1, 2"#,
+        after.tx.to_string(),
+        after.id as EventId,
+        upto.tx.to_string(),
+        upto.id as EventId,
     )
     .fetch_all(pool)
     .await?;
@@ -164,8 +164,8 @@ pub async fn fire_lag_between(
     Ok((r.buckets, r.n, r.total))
 }
 
-/// Postgres' clock, less the five seconds `settled_event_id` also leaves to open
-/// transactions: the upper end of a window no late commit can still write into.
+/// Postgres' clock less five seconds: the upper end of the fire-lag window (a first push
+/// is written by short transactions; one that commits later than that is not counted).
 pub async fn settled_now(pool: &PgPool) -> CoreResult<DateTime<Utc>> {
     Ok(sqlx::query_scalar!(r#"SELECT now() - interval '5 seconds' AS "t!""#).fetch_one(pool).await?)
 }
