@@ -294,3 +294,25 @@ async fn a_peer_that_does_not_pong_is_closed() {
         }
     }
 }
+
+/// Past `SWITCHBOARD_WS_MAX_CLIENTS` an api process refuses more feed clients (503 with
+/// `Retry-After`); on SIGTERM it tells the ones it has to go elsewhere (1001).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_capped_and_told_when_the_api_stops() {
+    let env = Env::new();
+    let api = env.api(&[("SWITCHBOARD_WS_MAX_CLIENTS", "1")]);
+    let mut first = connect(&api, "").await;
+    let url = format!("{}/api/v1/ws", api.base.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        other => panic!("a second client was let in: {other:?}"),
+    }
+    api.proc.sigterm();
+    let (_, code) = read_to_close(&mut first, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(1001));
+}

@@ -63,6 +63,8 @@ pub struct AppState {
     pub feed: tokio::sync::broadcast::Sender<Arc<routes::feed::Shared>>,
     /// WebSocket clients connected to this process.
     pub ws_clients: Arc<std::sync::atomic::AtomicUsize>,
+    /// Cancelled when the process starts shutting down (WebSocket clients are told).
+    pub stop: CancellationToken,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
             metrics: Default::default(),
             feed: tokio::sync::broadcast::Sender::new(32),
             ws_clients: Default::default(),
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -166,7 +169,8 @@ pub async fn serve(
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let addr = listener.local_addr()?;
-    let state = AppState::new(Engine::new(pool.clone(), queue), cfg);
+    let mut state = AppState::new(Engine::new(pool.clone(), queue), cfg);
+    state.stop = shutdown.clone();
     println!("switchboard api listening on http://{addr}");
     tracing::info!(%addr, "api listening");
     let beat = {
@@ -234,6 +238,7 @@ mod tests {
             metrics_token: None,
             ws_ping_s: 30,
             ws_send_timeout_s: 10,
+            ws_max_clients: 10,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();

@@ -101,6 +101,10 @@ pub struct ApiConfig {
     /// closed as too slow (close code 4008; it resumes with `since`).
     #[arg(long, env = "SWITCHBOARD_WS_SEND_TIMEOUT_S", default_value_t = 10)]
     pub ws_send_timeout_s: u64,
+    /// WebSocket feed clients one api process serves at once; more are refused with
+    /// 503 (and `Retry-After`) until some leave.
+    #[arg(long, env = "SWITCHBOARD_WS_MAX_CLIENTS", default_value_t = 1000)]
+    pub ws_max_clients: usize,
     /// When set, `GET /metrics` needs it as a bearer token.
     #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,

@@ -11,7 +11,7 @@ use axum::{
         Query, State,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
     },
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use serde::Serialize;
 use std::sync::{Arc, atomic::Ordering};
@@ -148,6 +148,15 @@ pub async fn ws(
 ) -> ApiResult<Response> {
     let allowed: Vec<&str> = FILTERS.iter().copied().chain(["token"]).collect();
     let q = QueryParams::new(q, &allowed)?;
+    if state.ws_clients.load(Ordering::Relaxed) >= state.config.ws_max_clients {
+        let mut refused = ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("this api process already serves {} WebSocket clients; retry shortly", state.config.ws_max_clients),
+        )
+        .into_response();
+        refused.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+        return Ok(refused);
+    }
     let filter = filter(&q)?;
     let start = match since(&state, &q).await? {
         Some(p) => p,
@@ -264,7 +273,7 @@ async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position
         if let Err(end) = c.catch_up(&state.engine.pool).await {
             break end;
         }
-        if let Err(end) = c.live(&mut shared).await {
+        if let Err(end) = c.live(&mut shared, &state.stop).await {
             break end;
         }
     };
@@ -296,12 +305,17 @@ impl Client {
 
     /// Takes the shared reads while they follow on from `at`; returns `Ok` when the
     /// client must read the database again (behind, or a filter only it can apply).
-    async fn live(&mut self, shared: &mut broadcast::Receiver<Arc<Shared>>) -> Result<(), End> {
+    async fn live(
+        &mut self,
+        shared: &mut broadcast::Receiver<Arc<Shared>>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), End> {
         // The time spent catching up (not reading the socket) is not held against it.
         self.ping.reset();
         self.pong_due = false;
         loop {
             tokio::select! {
+                _ = stop.cancelled() => return Err(Some((1001, "the server is stopping; reconnect with since"))),
                 got = shared.recv() => match got {
                     Ok(b) if b.next <= self.at => {}
                     Ok(b) if b.from > self.at || self.filter.needs_database() => return Ok(()),
@@ -314,7 +328,7 @@ impl Client {
                         self.at = b.next;
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
-                    Err(broadcast::error::RecvError::Closed) => return Err(Some((1001, "the server is stopping"))),
+                    Err(broadcast::error::RecvError::Closed) => return Err(Some((1001, "the server is stopping; reconnect with since"))),
                 },
                 _ = self.ping.tick() => {
                     if self.pong_due {
