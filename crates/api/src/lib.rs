@@ -204,7 +204,14 @@ pub async fn serve(
     };
     let header_timeout = std::time::Duration::from_secs(state.config.header_read_timeout_s.max(1));
     let grace = std::time::Duration::from_secs(state.config.request_timeout_s + 5);
+    let ws_clients = state.ws_clients.clone();
     server::serve(listener, router(state), header_timeout, shutdown.clone(), grace).await;
+    // WebSocket clients live on tasks of their own, past their connection's: give them
+    // a moment to send their 1001 before the process exits.
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while ws_clients.load(std::sync::atomic::Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     beat.abort();
     head.abort();
     let _ = usage.await;

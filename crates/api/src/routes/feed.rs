@@ -148,7 +148,11 @@ pub async fn ws(
 ) -> ApiResult<Response> {
     let allowed: Vec<&str> = FILTERS.iter().copied().chain(["token"]).collect();
     let q = QueryParams::new(q, &allowed)?;
-    if state.ws_clients.load(Ordering::Relaxed) >= state.config.ws_max_clients {
+    // The slot is taken here, before the 101, so two upgrades at once cannot both
+    // pass the cap; it is given back when the client's task ends (or the upgrade fails
+    // and the task never starts).
+    let slot = Slot(state.ws_clients.clone());
+    if state.ws_clients.fetch_add(1, Ordering::Relaxed) >= state.config.ws_max_clients {
         let mut refused = ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             format!("this api process already serves {} WebSocket clients; retry shortly", state.config.ws_max_clients),
@@ -165,7 +169,8 @@ pub async fn ws(
     // The feed's place at the start, for a client that gave no `since`: if it drops
     // before its first event, it can resume from here without losing what came between.
     let cursor = start.id.to_string();
-    let mut resp = upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| follow(state, socket, filter, start));
+    let mut resp =
+        upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| follow(state, socket, filter, start, slot));
     if let Ok(v) = axum::http::HeaderValue::from_str(&cursor) {
         resp.headers_mut().insert("x-feed-cursor", v);
     }
@@ -233,6 +238,15 @@ pub async fn share(pool: sqlx::PgPool, out: broadcast::Sender<Arc<Shared>>, stop
     }
 }
 
+/// One of the process's WebSocket client places; given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why a WebSocket ends: a close frame to send, or the peer already gone.
 type End = Option<(u16, &'static str)>;
 
@@ -256,7 +270,7 @@ fn ping_timer(every: Duration) -> tokio::time::Interval {
 
 /// Serves one WebSocket: catches up from the database, then takes what the shared
 /// reader hands out, back to the database whenever it is behind it.
-async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position) {
+async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position, slot: Slot) {
     let ping_every = Duration::from_secs(state.config.ws_ping_s.max(1));
     let mut c = Client {
         socket,
@@ -268,7 +282,6 @@ async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position
     };
     // Subscribed before catching up, so nothing handed out meanwhile is missed.
     let mut shared = state.feed.subscribe();
-    state.ws_clients.fetch_add(1, Ordering::Relaxed);
     let end = loop {
         if let Err(end) = c.catch_up(&state.engine.pool).await {
             break end;
@@ -277,11 +290,12 @@ async fn follow(state: AppState, socket: WebSocket, filter: Filter, at: Position
             break end;
         }
     };
-    state.ws_clients.fetch_sub(1, Ordering::Relaxed);
     if let Some((code, why)) = end {
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(why) };
         let _ = tokio::time::timeout(CLOSE_GRACE, c.socket.send(Message::Close(Some(frame)))).await;
     }
+    // Counted until its close is sent: the process waits for that at shutdown.
+    drop(slot);
 }
 
 impl Client {
