@@ -138,16 +138,7 @@ impl Deployment {
     }
 
     fn rss_kib(&self) -> Vec<u64> {
-        self.children
-            .iter()
-            .map(|c| {
-                std::fs::read_to_string(format!("/proc/{}/status", c.id()))
-                    .ok()
-                    .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-                    .unwrap_or(0)
-            })
-            .collect()
+        self.children.iter().map(|c| rss_kib(c.id())).collect()
     }
 
     async fn stop(mut self) {
@@ -170,6 +161,15 @@ impl Deployment {
             }
         }
     }
+}
+
+/// A process's resident memory (KiB, from /proc; 0 when unreadable).
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
-use crate::bench::{BenchConfig, percentile, start_run, wait_idle};
+use crate::bench::{BenchConfig, percentile, rss_kib, start_run, wait_idle};
 
 /// What one client saw: event ids in arrival order, and each delivery's latency (ms).
 struct Seen {
@@ -43,12 +43,7 @@ async fn follow(url: String, token: String, want: usize, deadline: Instant) -> a
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<f64>().ok()))
-        .unwrap_or(0.0)
-        / 1024.0
+    rss_kib(pid) as f64 / 1024.0
 }
 
 /// Runs the feed measurement against the deployment at `base`.

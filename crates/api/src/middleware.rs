@@ -215,7 +215,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>,
 }
 
 /// The bearer token of a request, if it carries one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

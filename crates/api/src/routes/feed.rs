@@ -53,6 +53,23 @@ pub struct FeedPage {
     pub next_cursor: Option<String>,
 }
 
+/// The filters both feed routes take, as the OpenAPI document shows them (they are
+/// read by `filter`).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FeedFilters {
+    /// Comma-separated: runs, devices, schedules, hosts (default all).
+    pub topics: Option<String>,
+    /// Only this run's events.
+    pub run_id: Option<uuid::Uuid>,
+    /// Only this campaign run's events and its children's.
+    pub campaign_id: Option<uuid::Uuid>,
+    /// Only events about this device.
+    pub device_id: Option<uuid::Uuid>,
+    /// Only events about devices of this pool.
+    pub pool: Option<String>,
+}
+
 const FILTERS: [&str; 6] = ["since", "topics", "run_id", "campaign_id", "device_id", "pool"];
 
 /// Reads the filters of a feed request.
@@ -95,11 +112,7 @@ async fn since(state: &AppState, q: &QueryParams) -> ApiResult<Option<Position>>
     tag = "events",
     params(
         ("since" = Option<i64>, Query, minimum = 0, description = "The last event id seen (the previous page's next_cursor); absent or 0: from the first event"),
-        ("topics" = Option<String>, Query, description = "Comma-separated: runs, devices, schedules, hosts (default all)"),
-        ("run_id" = Option<uuid::Uuid>, Query, description = "Only this run's events"),
-        ("campaign_id" = Option<uuid::Uuid>, Query, description = "Only this campaign run's events and its children's"),
-        ("device_id" = Option<uuid::Uuid>, Query, description = "Only events about this device"),
-        ("pool" = Option<String>, Query, description = "Only events about devices of this pool"),
+        FeedFilters,
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Page size (default 50)"),
     ),
     responses((status = 200, description = "The next events, in feed order", body = FeedPage))
@@ -128,11 +141,7 @@ pub async fn events(
     tag = "events",
     params(
         ("since" = Option<i64>, Query, minimum = 0, description = "The last event id received; absent: only what comes next"),
-        ("topics" = Option<String>, Query, description = "Comma-separated: runs, devices, schedules, hosts (default all)"),
-        ("run_id" = Option<uuid::Uuid>, Query),
-        ("campaign_id" = Option<uuid::Uuid>, Query),
-        ("device_id" = Option<uuid::Uuid>, Query),
-        ("pool" = Option<String>, Query),
+        FeedFilters,
         ("token" = Option<String>, Query, description = "The API token, when no Authorization header can be sent"),
     ),
     responses(

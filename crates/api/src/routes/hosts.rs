@@ -7,7 +7,7 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
 };
 use serde::Serialize;
 use switchboard_core::{
@@ -133,15 +133,12 @@ pub async fn heartbeat(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<Json<Beat>> {
-    let secret = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let secret = crate::middleware::bearer(&headers)
         .ok_or_else(|| ApiError::unauthorized("missing host secret (Authorization: Bearer <host secret>)"))?;
     let id: HostId = path_id("host", &id)?;
     let beat = Heartbeat::try_from(body::<HeartbeatBody>(&headers, &bytes)?)?;
     let report =
-        state.engine.host_heartbeat(id, secret.trim(), beat.agent_version.as_deref(), beat.devices.as_deref()).await?;
+        state.engine.host_heartbeat(id, secret, beat.agent_version.as_deref(), beat.devices.as_deref()).await?;
     Ok(Json(Beat { host: report.host, device_report: report.devices }))
 }
 
