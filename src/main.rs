@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use switchboard_core::{
     config::{AgentConfig, ApiConfig, CommonConfig, SchedulerConfig, WorkerConfig},
-    db,
+    db, meters,
     model::{DeviceStatus, Driver},
     repo::devices::{self, NewDevice},
     shutdown, telemetry,
@@ -85,37 +85,69 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Api { common, api } => {
-            telemetry::init(&common.log_format);
-            switchboard_api::run(common, api, shutdown::on_signal()).await
+            let t = telemetry::init(&common.log_format, "api");
+            finish(t, switchboard_api::run(common, api, shutdown::on_signal()).await).await
         }
         Command::Worker { common, worker } => {
-            telemetry::init(&common.log_format);
-            switchboard_worker::run(common, worker, shutdown::on_signal()).await
+            let t = telemetry::init(&common.log_format, "worker");
+            let stop = shutdown::on_signal();
+            let done = match serve_metrics(&common, &stop).await {
+                Ok(()) => switchboard_worker::run(common, worker, stop).await,
+                Err(e) => Err(e),
+            };
+            finish(t, done).await
         }
         Command::Scheduler { common, scheduler } => {
-            telemetry::init(&common.log_format);
-            switchboard_scheduler::run(common, scheduler, shutdown::on_signal()).await
+            let t = telemetry::init(&common.log_format, "scheduler");
+            let stop = shutdown::on_signal();
+            let done = match serve_metrics(&common, &stop).await {
+                Ok(()) => switchboard_scheduler::run(common, scheduler, stop).await,
+                Err(e) => Err(e),
+            };
+            finish(t, done).await
         }
         Command::HostAgent { agent } => {
-            telemetry::init(&agent.log_format);
-            switchboard_worker::agent::run(agent, shutdown::on_signal()).await
+            let t = telemetry::init(&agent.log_format, "host-agent");
+            finish(t, switchboard_worker::agent::run(agent, shutdown::on_signal()).await).await
         }
         Command::Migrate { common } => {
-            telemetry::init(&common.log_format);
-            migrate(&common).await?;
-            println!("migrations applied");
-            Ok(())
+            let t = telemetry::init(&common.log_format, "migrate");
+            let done = migrate(&common).await.map(|_| println!("migrations applied"));
+            finish(t, done).await
         }
         Command::Bench { bench } => {
-            telemetry::init("text");
-            bench::run(bench).await
+            let t = telemetry::init("text", "bench");
+            finish(t, bench::run(bench).await).await
         }
         Command::Watch { watch } => watch::run(watch).await,
         Command::Dev { common, api, worker, scheduler } => {
-            telemetry::init(&common.log_format);
-            dev(common, api, worker, scheduler).await
+            let t = telemetry::init(&common.log_format, "dev");
+            finish(t, dev(common, api, worker, scheduler).await).await
         }
     }
+}
+
+/// Installs a worker's or scheduler's metrics recorder, and serves its `/metrics` on
+/// `SWITCHBOARD_METRICS_ADDR` when set (a taken address fails the start, as the api's
+/// does).
+async fn serve_metrics(common: &CommonConfig, stop: &tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    // These roles set no Postgres gauges: nothing of theirs goes stale.
+    meters::install(std::time::Duration::from_secs(3600));
+    if let Some(addr) = common.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(switchboard_api::routes::metrics::serve_metrics(
+            listener,
+            common.metrics_token.clone(),
+            stop.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Flushes the spans not yet exported, then passes the role's result on.
+async fn finish(telemetry: telemetry::Telemetry, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    telemetry.shutdown().await;
+    result
 }
 
 async fn migrate(common: &CommonConfig) -> anyhow::Result<sqlx::PgPool> {

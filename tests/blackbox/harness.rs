@@ -100,20 +100,28 @@ impl Env {
 
     /// Starts `switchboard api` and waits for its address.
     pub fn api(&self, env: &[(&str, &str)]) -> Api {
-        let mut cmd = self.command("api", env);
-        cmd.stdout(Stdio::piped()).stderr(self.log_file("api"));
-        let mut child = cmd.spawn().expect("spawn api");
+        let (proc, base) = self.spawn_reporting("api", env, "switchboard api listening on ");
+        Api { proc, base, client: client() }
+    }
+
+    /// Starts `role` with its stdout piped, and waits for the line starting with
+    /// `prefix` (where it says it listens); returns it and the rest of that line.
+    fn spawn_reporting(&self, role: &str, env: &[(&str, &str)], prefix: &'static str) -> (Proc, String) {
+        let mut cmd = self.command(role, env);
+        cmd.stdout(Stdio::piped()).stderr(self.log_file(role));
+        let mut child = cmd.spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("switchboard api listening on ") {
-                    let _ = tx.send(addr.to_string());
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    let _ = tx.send(rest.to_string());
                 }
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(20)).expect("api did not report its address");
-        Api { proc: Proc { child: Some(child), name: "api".into() }, base, client: client() }
+        let said =
+            rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{role} did not report its address"));
+        (Proc { child: Some(child), name: role.into() }, said)
     }
 
     pub fn worker(&self, env: &[(&str, &str)]) -> Proc {
@@ -122,6 +130,13 @@ impl Env {
 
     pub fn scheduler(&self, env: &[(&str, &str)]) -> Proc {
         self.spawn("scheduler", env)
+    }
+
+    /// Starts a worker or scheduler serving its own `/metrics` on a free port; returns
+    /// it and that endpoint's URL.
+    pub fn metered(&self, role: &str, env: &[(&str, &str)]) -> (Proc, String) {
+        let env = with(env, &[("SWITCHBOARD_METRICS_ADDR", "127.0.0.1:0")]);
+        self.spawn_reporting(role, &env, "switchboard metrics listening on ")
     }
 
     fn spawn(&self, role: &str, env: &[(&str, &str)]) -> Proc {

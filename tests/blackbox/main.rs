@@ -9,6 +9,8 @@ mod foundation;
 mod harness;
 mod hosts;
 mod limits;
+mod observability;
 mod orchestration;
+mod otlp;
 mod phones;
 mod scheduling;

@@ -21,7 +21,7 @@ use axum::{
 };
 use switchboard_core::{
     config::{ApiConfig, CommonConfig},
-    db, ids,
+    db, ids, meters,
     model::ProcessRole,
     queue::Queue,
     repo::processes,
@@ -57,8 +57,8 @@ pub struct AppState {
     pub usage: Arc<middleware::Usage>,
     /// The rate limits' budgets.
     pub limits: Arc<limits::Limits>,
-    /// The counters `/metrics` keeps.
-    pub metrics: Arc<tokio::sync::Mutex<routes::metrics::Tally>>,
+    /// `SWITCHBOARD_METRICS_TOKEN`: `/metrics` needs it when set.
+    pub metrics_token: Option<Arc<str>>,
     /// What the process-wide feed reader hands to WebSocket clients.
     pub feed: tokio::sync::broadcast::Sender<Arc<routes::feed::Shared>>,
     /// WebSocket clients connected to this process.
@@ -76,7 +76,7 @@ impl AppState {
             config: Arc::new(config),
             started_at: Instant::now(),
             usage: Default::default(),
-            metrics: Default::default(),
+            metrics_token: None,
             feed: tokio::sync::broadcast::Sender::new(32),
             ws_clients: Default::default(),
             stop: CancellationToken::new(),
@@ -171,6 +171,16 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let mut state = AppState::new(Engine::new(pool.clone(), queue), cfg);
     state.stop = shutdown.clone();
+    state.metrics_token = common.metrics_token.as_deref().map(Into::into);
+    let refresh = std::time::Duration::from_secs(state.config.metrics_refresh_s.max(1));
+    // A gauge not refreshed for three intervals (a deleted device's breaker) is dropped.
+    meters::install(refresh * 3);
+    let gauges = tokio::spawn(routes::metrics::refresh_gauges(
+        pool.clone(),
+        state.ws_clients.clone(),
+        refresh,
+        shutdown.clone(),
+    ));
     println!("switchboard api listening on http://{addr}");
     tracing::info!(%addr, "api listening");
     let beat = {
@@ -214,6 +224,7 @@ pub async fn serve(
     }
     beat.abort();
     head.abort();
+    gauges.abort();
     let _ = usage.await;
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("api stopped");
@@ -242,7 +253,7 @@ mod tests {
             address_rate_limit_burst: 1,
             header_read_timeout_s: 5,
             body_read_timeout_s: 5,
-            metrics_token: None,
+            metrics_refresh_s: 5,
             ws_ping_s: 30,
             ws_send_timeout_s: 10,
             ws_max_clients: 10,

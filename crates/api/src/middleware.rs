@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use axum::{
     body::{Body, to_bytes},
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, MatchedPath, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -18,8 +18,10 @@ use uuid::Uuid;
 
 use switchboard_core::{
     ids::TokenId,
+    meters,
     model::Role,
     repo::tokens::{self, Principal, Refused},
+    telemetry,
 };
 
 use crate::{
@@ -41,17 +43,23 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
         .map(str::to_string)
         .unwrap_or_else(|| Uuid::new_v4().to_string());
     let timeout = Duration::from_secs(state.config.request_timeout_s.max(1));
+    // The route template (`/api/v1/runs/{id}`), never the path: metric labels and span
+    // names stay few whatever ids clients send.
+    let route = req.extensions().get::<MatchedPath>().map_or("(unmatched)", |m| m.as_str()).to_string();
+    let (method, started) = (req.method().clone(), std::time::Instant::now());
     let early = REQUEST_ID.scope(request_id.clone(), admit(&state, req)).await;
     let req = match early {
         Ok(req) => req,
-        Err(resp) => return finish(resp, &request_id).await,
+        Err(resp) => {
+            meters::http_request(method.as_str(), &route, resp.status().as_u16(), started.elapsed());
+            return finish(resp, &request_id).await;
+        }
     };
-    let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
     let rid = request_id.clone();
     let resp = REQUEST_ID
         .scope(rid.clone(), async move {
-            let started = std::time::Instant::now();
             // The handler runs in a task of its own: at the timeout the client gets its
             // 503, and when the client goes away the handler is left to finish; it is
             // never cancelled halfway (a `begin()` cancelled mid-way leaves a pooled
@@ -60,7 +68,12 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
             // Every line logged while handling it carries the request id (its span's
             // fields: `span.request_id` in JSON logs). The path, never the query: a
             // WebSocket's `?token=` stays out of the log.
-            let span = tracing::info_span!("request", request_id = %rid, method = %method, path = %path);
+            // A client's W3C `traceparent` makes the request part of the client's trace.
+            let span = tracing::info_span!("request", request_id = %rid, method = %method, path = %path,
+                otel.name = format!("{method} {route}"), otel.kind = "server", http.route = %route,
+                http.response.status_code = tracing::field::Empty, trace_id = tracing::field::Empty);
+            telemetry::adopt(&span, parent.as_deref());
+            let record = span.clone();
             let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)).instrument(span));
             let resp = match tokio::time::timeout(timeout, &mut handler).await {
                 Ok(Ok(r)) => r,
@@ -74,6 +87,8 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
                 )
                 .into_response(),
             };
+            record.record("http.response.status_code", resp.status().as_u16());
+            meters::http_request(method.as_str(), &route, resp.status().as_u16(), started.elapsed());
             tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, request_id = %rid, "request");
             resp
         })

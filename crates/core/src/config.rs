@@ -25,6 +25,14 @@ pub struct CommonConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// When set, every role's `GET /metrics` needs it as a bearer token.
+    #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Where a worker or scheduler process serves its own `GET /metrics`
+    /// (`0.0.0.0:9464`); unset, it serves none. The api serves its metrics on its own
+    /// address, and `dev` (every role in one process) there too.
+    #[arg(long, env = "SWITCHBOARD_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl CommonConfig {
@@ -36,11 +44,12 @@ impl CommonConfig {
     /// One line for the start-up log, with passwords removed.
     pub fn summary(&self) -> String {
         format!(
-            "database_url={} redis_url={} namespace={} lease_ttl_s={}",
+            "database_url={} redis_url={} namespace={} lease_ttl_s={} metrics_token={}",
             redact_url(&self.database_url),
             redact_url(&self.redis_url),
             self.namespace,
-            self.lease_ttl_s
+            self.lease_ttl_s,
+            if self.metrics_token.is_some() { "<set>" } else { "<unset>" },
         )
     }
 }
@@ -105,20 +114,20 @@ pub struct ApiConfig {
     /// 503 (and `Retry-After`) until some leave.
     #[arg(long, env = "SWITCHBOARD_WS_MAX_CLIENTS", default_value_t = 1000)]
     pub ws_max_clients: usize,
-    /// When set, `GET /metrics` needs it as a bearer token.
-    #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
-    pub metrics_token: Option<String>,
+    /// How often the gauges only Postgres knows (queue depth, devices, breakers) are
+    /// read for `/metrics` (seconds): one query per interval, whatever the scrapers do.
+    #[arg(long, env = "SWITCHBOARD_METRICS_REFRESH_S", default_value_t = 5)]
+    pub metrics_refresh_s: u64,
 }
 
 impl ApiConfig {
     /// One line for the start-up log, the admin token redacted.
     pub fn summary(&self) -> String {
         format!(
-            "api_addr={} admin_token={} metrics_token={} cors_origins={:?} request_timeout_s={} \
+            "api_addr={} admin_token={} cors_origins={:?} request_timeout_s={} \
              rate_limit={}/s burst {}",
             self.addr,
             if self.admin_token.is_some() { "<set>" } else { "<unset>" },
-            if self.metrics_token.is_some() { "<set>" } else { "<unset>" },
             self.cors_origins,
             self.request_timeout_s,
             self.rate_limit_per_s,

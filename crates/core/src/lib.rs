@@ -18,6 +18,7 @@ pub mod formats;
 pub mod ids;
 pub mod launch;
 pub mod lifecycle;
+pub mod meters;
 pub mod model;
 pub mod pagination;
 pub mod presence;

@@ -488,4 +488,11 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// The OpenTelemetry trace it runs in (32 hex digits): the trace of the request
+    /// or schedule tick that created it, which the worker's spans join. Null when the
+    /// creator was not traced.
+    pub trace_id: Option<String>,
+    /// The W3C `traceparent` kept with the run, for the worker; not served.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }

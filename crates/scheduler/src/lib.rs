@@ -13,9 +13,11 @@ use switchboard_core::{
     queue::Queue,
     repo::{processes, schedules},
     service::{Engine, ReconcileSettings},
+    telemetry,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Longest sleep between two looks at the schedules (new or edited schedules are seen
 /// within this).
@@ -114,7 +116,9 @@ async fn reconcile_loop(engine: &Engine, me: &str, cfg: &SchedulerConfig, shutdo
         if let Err(e) = processes::beat(&engine.pool, me, ProcessRole::Scheduler, &info).await {
             tracing::warn!(error = %e, "scheduler heartbeat failed");
         }
-        match engine.reconcile(settings).await {
+        let span = tracing::info_span!("scheduler.reconcile", trace_id = tracing::field::Empty);
+        telemetry::record_trace_id(&span);
+        match engine.reconcile(settings).instrument(span).await {
             Ok(r) if r.pushed > 0 => tracing::info!(pushed = r.pushed, "reconciler re-delivered runs"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying next interval"),

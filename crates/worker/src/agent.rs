@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use switchboard_core::{catalog, config::AgentConfig, ids::RunId, repo::presence::Listed};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::drivers::{
     Captures, DriverError, Verdict,
@@ -181,24 +182,32 @@ async fn execute(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: axum
     let _running = Running { agent: &agent, key, id };
     let captures = Captures::default();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms.max(1));
-    tracing::info!(run_id = %req.run_id, serial = %req.serial, module = module.id, "executing");
-    let result = if module.id == "sleep" {
-        crate::drivers::sleep(&params, cancel.clone()).await
-    } else {
-        let task = Task {
-            serial: &req.serial,
-            module,
-            params: &params,
-            cancel: cancel.clone(),
-            deadline,
-            captures: captures.clone(),
-        };
-        tokio::select! {
-            r = agent.adb.run(task) => r,
-            _ = tokio::time::sleep_until(deadline) => Err(DriverError::Unreachable(format!(
-                "{} did not finish within its {} ms on the agent", module.id, req.timeout_ms))),
+    // The worker sends the run's trace context: the agent's work is part of that trace.
+    let span = tracing::info_span!("agent.execute", run_id = %req.run_id, serial = %req.serial, module = module.id,
+        otel.kind = "server", trace_id = tracing::field::Empty);
+    let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    switchboard_core::telemetry::adopt(&span, parent);
+    let work = async {
+        tracing::info!("executing");
+        if module.id == "sleep" {
+            crate::drivers::sleep(&params, cancel.clone()).await
+        } else {
+            let task = Task {
+                serial: &req.serial,
+                module,
+                params: &params,
+                cancel: cancel.clone(),
+                deadline,
+                captures: captures.clone(),
+            };
+            tokio::select! {
+                r = agent.adb.run(task) => r,
+                _ = tokio::time::sleep_until(deadline) => Err(DriverError::Unreachable(format!(
+                    "{} did not finish within its {} ms on the agent", module.id, req.timeout_ms))),
+            }
         }
     };
+    let result = work.instrument(span).await;
     Json(answer(result, captures.take())).into_response()
 }
 

@@ -25,6 +25,7 @@ use switchboard_core::{
     },
     run_error::{ErrorKind, RunError},
     service::Engine,
+    telemetry,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,11 +73,14 @@ impl Executor {
     pub async fn run_chain(self: &Arc<Self>, first: Claimed, claimed_at: Instant) -> CoreResult<()> {
         let mut next = Some((first, claimed_at));
         while let Some((claimed, at)) = next.take() {
-            let device = claimed.device.id;
+            let (device, claimed_id) = (claimed.device.id, claimed.run.id);
             self.execute(claimed, at).await?;
             if !self.stopping.is_cancelled() {
-                let at = Instant::now();
+                let (at, span) = (Instant::now(), claim_span(claimed_id));
                 next = runs::claim_for_device(&self.pool, device, &self.owner, self.lease_ttl).await?.map(|c| (c, at));
+                if let Some((c, _)) = &next {
+                    self::claimed(span, c);
+                }
             }
             if next.is_none() {
                 // Not handed over here (stopping, or the device row was busy): push the
@@ -99,7 +103,10 @@ impl Executor {
     /// Executes one claimed run to an outcome and writes it.
     pub async fn execute(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Finished> {
         let span = tracing::info_span!("run", run_id = %claimed.run.id, device_id = %claimed.device.id,
-            target = %claimed.run.target, attempt = claimed.attempt);
+            target = %claimed.run.target, attempt = claimed.attempt, otel.name = format!("run {}", claimed.run.kind),
+            trace_id = tracing::field::Empty);
+        // The run's own trace, begun by the request (or schedule tick) that created it.
+        telemetry::adopt(&span, claimed.run.traceparent.as_deref());
         self.execute_inner(claimed, claimed_at).instrument(span).await
     }
 
@@ -229,7 +236,9 @@ impl Executor {
         let module = catalog::find(module_id);
         let result = match module {
             None => Some(Err(DriverError::Unknown(module_id.to_string()))),
-            Some(m) => self.call_timed(claimed, m, params, attempt, budget, 0).await,
+            Some(m) => {
+                self.call_timed(claimed, m, params, attempt, budget, 0).instrument(step_span(0, module_id)).await
+            }
         };
         let timeout = format!("run exceeded its timeout of {} s", claimed.run.timeout_s);
         let touched = module.is_none_or(|m| m.touches_device);
@@ -340,6 +349,8 @@ impl Executor {
         let Some(driver) = self.drivers.get(claimed.device.driver) else {
             return Err(DriverError::Unavailable(claimed.device.driver.to_string()));
         };
+        let span = tracing::info_span!("driver", driver = %claimed.device.driver, module = module.id,
+            otel.name = format!("{} {}", claimed.device.driver, module.id), otel.kind = "client");
         driver
             .execute(ModuleCall {
                 run_id: claimed.run.id,
@@ -351,8 +362,27 @@ impl Executor {
                 deadline,
                 captures,
             })
+            .instrument(span)
             .await
     }
+}
+
+/// The span of a claim, made before the run (and so its trace) is known: `claimed`
+/// gives it its parent. Never entered, so nothing becomes its child before that.
+pub(crate) fn claim_span(run: RunId) -> tracing::Span {
+    tracing::info_span!("claim", run_id = %run, otel.kind = "consumer", device_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty)
+}
+
+/// Puts a claim's span into the claimed run's trace, and ends it.
+pub(crate) fn claimed(span: tracing::Span, claimed: &Claimed) {
+    telemetry::adopt(&span, claimed.run.traceparent.as_deref());
+    span.record("device_id", tracing::field::display(claimed.device.id));
+}
+
+/// The span of step `index` (module `module`) of a run.
+pub(crate) fn step_span(index: usize, module: &str) -> tracing::Span {
+    tracing::info_span!("step", step = index, module = %module, otel.name = format!("step {index} {module}"))
 }
 
 /// A capture as stored: text, at most `max` bytes (the newest part, from a whole line),

@@ -222,7 +222,12 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
     }
     let work = async move {
         let claimed_at = tokio::time::Instant::now();
-        match runs::claim_with_recheck(&exec.pool, job.run_id, &exec.owner, exec.lease_ttl).await? {
+        let span = executor::claim_span(job.run_id);
+        let outcome = runs::claim_with_recheck(&exec.pool, job.run_id, &exec.owner, exec.lease_ttl).await?;
+        if let ClaimOutcome::Claimed(c) = &outcome {
+            executor::claimed(span, c);
+        }
+        match outcome {
             ClaimOutcome::Claimed(claimed) => exec.run_chain(*claimed, claimed_at).await,
             ClaimOutcome::NoDevice => {
                 tracing::debug!(run_id = %job.run_id, "no free matching device; the run waits queued");

@@ -16,9 +16,10 @@ use switchboard_core::{
     run_error::{ErrorKind, RunError},
 };
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
-    executor::{Executor, lease_lost},
+    executor::{Executor, lease_lost, step_span},
     lease::{Attempt, Interrupt},
 };
 
@@ -277,7 +278,8 @@ async fn run_step(
     } else {
         (run_left, format!("run exceeded its timeout of {} s during step {i}", claimed.run.timeout_s))
     };
-    let result = exec.call_timed(claimed, module, &step.params, attempt, limit, i).await;
+    let result =
+        exec.call_timed(claimed, module, &step.params, attempt, limit, i).instrument(step_span(i, &step.module)).await;
     let (outcome, status) = exec.outcome_of(attempt, result, &msg, module.touches_device);
     record.status = status;
     record.finished_at = Some(Utc::now());

@@ -170,6 +170,7 @@ pub async fn ws(
         refused.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
         return Ok(refused);
     }
+    switchboard_core::meters::ws_clients(state.ws_clients.load(Ordering::Relaxed));
     let filter = filter(&q)?;
     let start = match since(&state, &q).await? {
         Some(p) => p,
@@ -252,7 +253,8 @@ struct Slot(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let left = self.0.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        switchboard_core::meters::ws_clients(left);
     }
 }
 

@@ -318,6 +318,7 @@ pub async fn reset_breaker(pool: &PgPool, id: DeviceId) -> CoreResult<Device> {
     .await?;
     if before != BreakerState::Closed {
         let data = json!({"reason": "reset", "was": before});
+        crate::meters::breaker_transition(id, "closed");
         events::append(&mut tx, EventKind::DeviceBreakerClosed, Subject::device(id), data).await?;
     }
     tx.commit().await?;
@@ -460,10 +461,11 @@ pub(crate) async fn release(
     .execute(&mut *conn)
     .await?;
     if let Some(t) = transition {
-        let kind = match t {
-            Transition::Opened => EventKind::DeviceBreakerOpened,
-            Transition::Closed => EventKind::DeviceBreakerClosed,
+        let (kind, state) = match t {
+            Transition::Opened => (EventKind::DeviceBreakerOpened, "open"),
+            Transition::Closed => (EventKind::DeviceBreakerClosed, "closed"),
         };
+        crate::meters::breaker_transition(id, state);
         let data = json!({"consecutive_failures": next.failures, "open_until": next.open_until, "trips": next.trips});
         events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), ..Default::default() }, data)
             .await?;

@@ -2,15 +2,12 @@
 //! from Postgres, the record every process shares, so any API replica reports the
 //! whole deployment.
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::{
     CoreResult,
-    ids::EventId,
-    model::{DeviceStatus, RunKind, RunStatus},
-    repo::feed::Position,
+    model::{RunKind, RunStatus},
 };
 
 /// Runs waiting and running now.
@@ -77,97 +74,49 @@ pub async fn open_runs_by_status(pool: &PgPool) -> CoreResult<Vec<RunCount>> {
     .await?)
 }
 
-/// Runs finished by kind and end status among the events in the feed's stretch
-/// `(after, upto]` (the `run.finished` events: one per run, written once). Bounded by
-/// feed positions, below the line no open transaction can still write under
-/// (`repo::feed`), so an event committed late is counted once, never skipped; read
-/// along the `(tx, id)` index.
-pub async fn finished_between(
-    pool: &PgPool,
-    after: Position,
-    upto: Position,
-) -> CoreResult<Vec<(RunKind, String, i64)>> {
-    let rows = sqlx::query!(
-        r#"SELECT r.kind, e.data ->> 'status' AS "status!", count(*) AS "n!"
-           FROM events e JOIN runs r ON r.id = e.run_id
-           WHERE (e.tx, e.id) > ($1::text::xid8, $2) AND (e.tx, e.id) <= ($3::text::xid8, $4)
-             AND e.type = 'run.finished'
-           GROUP BY 1, 2"#,
-        after.tx.to_string(),
-        after.id as EventId,
-        upto.tx.to_string(),
-        upto.id as EventId,
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.kind, r.status, r.n)).collect())
-}
-
-/// Devices by status, and how many breakers are not closed.
-pub async fn devices_by_status(pool: &PgPool) -> CoreResult<(Vec<(DeviceStatus, i64)>, i64)> {
-    let rows = sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM devices GROUP BY status ORDER BY 1"#)
-        .fetch_all(pool)
-        .await?;
-    let open = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM devices WHERE breaker_state <> 'closed'"#)
-        .fetch_one(pool)
-        .await?;
-    Ok((rows.into_iter().map(|r| (r.status, r.n)).collect(), open))
-}
-
-/// A schedule's decisions.
+/// One gauge value from `gauges`: which metric, up to two label values, the value.
 #[derive(Debug, Clone)]
-pub struct ScheduleTicks {
-    /// Its name.
-    pub name: String,
-    /// Ticks that started a run.
-    pub fired: i64,
-    /// Ticks skipped.
-    pub skipped: i64,
-    /// Ticks missed.
-    pub missed: i64,
+pub struct Gauge {
+    /// `queue_depth`, `queue_oldest_age`, `runs_open`, `devices` or `breaker_state`.
+    pub metric: String,
+    /// The first label's value (pool, kind, status or device id).
+    pub a: String,
+    /// The second label's value (status, device name), or empty.
+    pub b: String,
+    /// The value.
+    pub value: f64,
 }
 
-/// Every schedule's decisions.
-pub async fn schedule_ticks(pool: &PgPool) -> CoreResult<Vec<ScheduleTicks>> {
+/// Every gauge only Postgres knows, in one statement whose cost follows the queue and
+/// the device table, never the history: each arm over runs is the exact predicate of
+/// a partial index on open runs (`status IN (...)` would not use them).
+///
+/// Queue depth counts the runs waiting for a device: queued, not held by a campaign,
+/// not campaign parents (a campaign waits on its children), backing off or not. Its
+/// age is from `waiting_since`, when the run last joined the queue.
+pub async fn gauges(pool: &PgPool) -> CoreResult<Vec<Gauge>> {
     Ok(sqlx::query_as!(
-        ScheduleTicks,
-        "SELECT name, fired_count AS fired, skipped_count AS skipped, missed_count AS missed FROM schedules ORDER BY name"
+        Gauge,
+        r#"WITH waiting AS MATERIALIZED (
+               SELECT COALESCE(selector ->> 'pool', '*') AS pool, count(*) AS n, min(waiting_since) AS oldest
+               FROM runs WHERE status = 'queued' AND NOT held AND kind <> 'campaign' GROUP BY 1)
+           SELECT metric AS "metric!", a AS "a!", b AS "b!", value AS "value!" FROM (
+               SELECT 'queue_depth' AS metric, pool AS a, '' AS b, n::float8 AS value FROM waiting
+               UNION ALL
+               SELECT 'queue_oldest_age', pool, '', GREATEST(extract(epoch FROM now() - oldest), 0)::float8 FROM waiting
+               UNION ALL
+               SELECT 'runs_open', kind::text, 'queued', count(*)::float8 FROM runs WHERE status = 'queued' GROUP BY kind
+               UNION ALL
+               SELECT 'runs_open', kind::text, 'running', count(*)::float8 FROM runs WHERE status = 'running' GROUP BY kind
+               UNION ALL
+               SELECT 'devices', status::text, '', count(*)::float8 FROM devices GROUP BY status
+               UNION ALL
+               SELECT 'breaker_state', id::text, name,
+                      CASE breaker_state WHEN 'closed' THEN 0 WHEN 'half_open' THEN 1 ELSE 2 END::float8 FROM devices
+           ) g"#
     )
     .fetch_all(pool)
     .await?)
-}
-
-/// Fire lag, from a tick's scheduled time to its run's first push, of the runs first
-/// pushed in `(after, upto]`, bucketed in Postgres (no rows leave the database, and
-/// the index on `enqueued_at` of scheduled runs bounds the read to the window): the
-/// count at or below each bound, the total count and the sum (seconds).
-pub async fn fire_lag_between(
-    pool: &PgPool,
-    bounds: &[f64],
-    after: DateTime<Utc>,
-    upto: DateTime<Utc>,
-) -> CoreResult<(Vec<i64>, i64, f64)> {
-    let r = sqlx::query!(
-        r#"WITH lags AS MATERIALIZED (
-               SELECT extract(epoch FROM (enqueued_at - scheduled_for))::float8 AS lag FROM runs
-               WHERE trigger = 'schedule' AND scheduled_for IS NOT NULL AND enqueued_at > $2 AND enqueued_at <= $3)
-           SELECT array(SELECT (SELECT count(*) FROM lags WHERE lag <= b) FROM unnest($1::float8[]) WITH ORDINALITY AS u(b, i)
-                        ORDER BY i) AS "buckets!: Vec<i64>",
-                  (SELECT count(*) FROM lags) AS "n!",
-                  (SELECT COALESCE(sum(lag), 0) FROM lags)::float8 AS "total!""#,
-        bounds,
-        after,
-        upto
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok((r.buckets, r.n, r.total))
-}
-
-/// Postgres' clock less five seconds: the upper end of the fire-lag window (a first push
-/// is written by short transactions; one that commits later than that is not counted).
-pub async fn settled_now(pool: &PgPool) -> CoreResult<DateTime<Utc>> {
-    Ok(sqlx::query_scalar!(r#"SELECT now() - interval '5 seconds' AS "t!""#).fetch_one(pool).await?)
 }
 
 /// Runs still queued or running (a deployment is idle at zero).

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    CoreResult,
+    CoreResult, meters,
     repo::{campaign_runs, processes, runs},
     service::Engine,
 };
@@ -38,6 +38,9 @@ impl Engine {
     pub async fn reconcile(&self, settings: ReconcileSettings) -> CoreResult<Reconciled> {
         let (mut push, ended) = runs::recover_expired(&self.pool, 500).await?;
         let recovered = push.len() + ended.len();
+        meters::leases_expired(recovered);
+        meters::recovered("requeued", push.len());
+        meters::recovered("ended", ended.len());
         if recovered > 0 {
             tracing::warn!(
                 requeued = push.len(),
@@ -49,7 +52,9 @@ impl Engine {
         if !overdue.is_empty() {
             tracing::warn!(count = overdue.len(), "ended runs that waited past their queue-wait limit");
         }
-        push.extend(runs::due_for_dispatch(&self.pool, settings.redispatch_after, 1000).await?);
+        let lost = runs::due_for_dispatch(&self.pool, settings.redispatch_after, 1000).await?;
+        meters::recovered("redelivered", lost.len());
+        push.extend(lost);
         // Campaigns whose advancing process died between a child's end and the next
         // admission are moved on here, and so are campaigns past their time budget.
         for parent in campaign_runs::running(&self.pool, 1000).await? {

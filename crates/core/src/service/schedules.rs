@@ -14,6 +14,7 @@ use chrono_tz::Tz;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgConnection;
+use tracing::Instrument;
 
 use crate::{
     CoreError, CoreResult,
@@ -22,6 +23,7 @@ use crate::{
     events::{EventKind, Subject},
     ids::{RunId, ScheduleId},
     launch::RunOptions,
+    meters,
     model::{Misfire, Overlap, Run, Trigger},
     repo::{
         campaigns, devices, events, runs,
@@ -245,7 +247,12 @@ impl Engine {
             };
             let now: DateTime<Utc> =
                 sqlx::query_scalar!(r#"SELECT clock_timestamp() AS "now!""#).fetch_one(&mut *tx).await?;
-            match fire(&mut tx, &s, now, grace).await {
+            // A span (and trace) per schedule with a tick due, not per pass: the runs
+            // it fires keep its trace context, and an idle scheduler exports nothing.
+            let span = tracing::info_span!("schedule.tick", schedule_id = %s.id, schedule = %s.name,
+                trace_id = tracing::field::Empty);
+            crate::telemetry::record_trace_id(&span);
+            match fire(&mut tx, &s, now, grace).instrument(span).await {
                 Ok(fired) => {
                     tx.commit().await?;
                     for (run, push) in &fired {
@@ -287,6 +294,7 @@ impl Engine {
         };
         schedules::record_tick(&mut tx, s.id, &record).await?;
         tx.commit().await?;
+        meters::schedule_tick(s.id, &s.name, "error", 1);
         Ok(())
     }
 }
@@ -332,6 +340,12 @@ async fn fire(
         enabled: s.enabled,
     };
     schedules::record_tick(conn, s.id, &record).await?;
+    for (decision, n) in [("fired", plan.fired()), ("skipped", plan.skipped()), ("missed", plan.missed_count())] {
+        meters::schedule_tick(s.id, &s.name, decision, n as u64);
+    }
+    if plan.buffered_for.is_some() && s.buffered_for.is_none() {
+        meters::schedule_tick(s.id, &s.name, "buffered", 1);
+    }
     Ok(fired)
 }
 
@@ -361,6 +375,7 @@ async fn carry_out(
                 let data = if buffered {
                     json!({"scheduled_for": tick, "run_id": run, "buffered": true})
                 } else {
+                    meters::fire_lag((now - tick).to_std().unwrap_or_default());
                     json!({"scheduled_for": tick, "run_id": run, "lag_ms": (now - tick).num_milliseconds()})
                 };
                 (EventKind::ScheduleFired, Subject::schedule(s.id, Some(run)), data)

@@ -162,7 +162,12 @@ impl HostDriver {
             timeout_ms: timeout.as_millis() as u64,
         };
         let url = format!("{}/v1/execute", ep.url.trim_end_matches('/'));
-        let sent = self.client.post(&url).bearer_auth(&ep.secret).timeout(timeout + Duration::from_secs(5)).json(&body);
+        let mut sent =
+            self.client.post(&url).bearer_auth(&ep.secret).timeout(timeout + Duration::from_secs(5)).json(&body);
+        // The agent's spans join the run's trace.
+        if let Some(parent) = switchboard_core::telemetry::traceparent() {
+            sent = sent.header("traceparent", parent);
+        }
         let resp = sent
             .send()
             .await

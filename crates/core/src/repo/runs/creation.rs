@@ -121,10 +121,10 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
             INSERT INTO runs (id, kind, target, definition, params, selector, priority, timeout_s, max_attempts,
                 max_queue_wait_s, trigger, schedule_id, scheduled_for, parent_run_id, retry_of, idempotency_key, held,
                 parent_index, status, started_at, queued_at, idempotency_scope, idempotency_fingerprint,
-                idempotency_expires_at)
+                idempotency_expires_at, traceparent)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
                     CASE WHEN $19 = 'running'::run_status THEN now() END, clock_timestamp(), $22, $23,
-                    now() + make_interval(secs => $24))
+                    now() + make_interval(secs => $24), $25)
             -- waiting_since: its default, now()
             ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *),
@@ -154,11 +154,13 @@ pub async fn insert_tx(conn: &mut PgConnection, new: &NewRun, status: RunStatus)
         idem.map(|i| i.scope.clone()),
         idem.map(|i| i.fingerprint.clone()),
         idem.map(|i| i.ttl_s as f64),
+        crate::telemetry::traceparent(),
     )
     .fetch_optional(&mut *conn)
     .await?;
     let Some(run) = row.map(Run::from) else { return Ok(None) };
     if status == RunStatus::Running {
+        crate::meters::run_started(run.kind, None);
         let subject =
             crate::events::Subject { run_id: Some(run.id), schedule_id: run.schedule_id, ..Default::default() };
         events::append(conn, EventKind::RunStarted, subject, json!({"attempt": run.attempt})).await?;

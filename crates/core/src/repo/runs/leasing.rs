@@ -274,6 +274,9 @@ async fn assign(
     let (device, probe) = devices::lease(conn, device, run, owner, ttl, touches).await?;
     let started = json!({"device_id": device.id, "serial": device.serial, "worker": owner, "probe": probe});
     let run = transitions::start(conn, run, device.id, owner, ttl, started).await?;
+    if probe {
+        crate::meters::breaker_transition(device.id, "half_open");
+    }
     Ok(Claimed { attempt: run.attempt, run, device, probe })
 }
 
@@ -418,6 +421,7 @@ pub async fn finish(
 async fn refuse(pool: &PgPool, claimed: &Claimed, owner: &str, outcome: &Outcome) -> CoreResult<()> {
     tracing::warn!(run_id = %claimed.run.id, attempt = claimed.attempt, owner, ending = ?outcome.ending,
         "late write refused: this worker no longer holds the run");
+    crate::meters::fencing_refused();
     let mut conn = pool.acquire().await?;
     let data = json!({"attempt": claimed.attempt, "worker": owner, "wanted": format!("{:?}", outcome.ending)});
     events::append(

@@ -84,6 +84,7 @@ pub(crate) struct RunRow {
     pub idempotency_scope: Option<String>,
     pub idempotency_fingerprint: Option<String>,
     pub idempotency_expires_at: Option<DateTime<Utc>>,
+    pub traceparent: Option<String>,
 }
 
 impl From<RunRow> for Run {
@@ -128,6 +129,9 @@ impl From<RunRow> for Run {
             children: None,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            // `00-<trace id>-<span id>-<flags>`: the id is the part a tracing UI searches by.
+            trace_id: r.traceparent.as_deref().and_then(|t| t.get(3..35)).map(str::to_string),
+            traceparent: r.traceparent,
         }
     }
 }

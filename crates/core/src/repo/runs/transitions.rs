@@ -13,7 +13,7 @@ use crate::{
     events::{EventKind, Subject},
     ids::{DeviceId, RunId},
     lifecycle::{RunState, run_state},
-    model::{Run, RunStatus, RunStep, StepStatus},
+    model::{Run, RunKind, RunStatus, RunStep, StepStatus},
     repo::{events, runs::RunRow},
     run_error::RunError,
 };
@@ -82,6 +82,8 @@ pub(crate) async fn start(
     )
     .fetch_one(&mut *conn)
     .await?;
+    let waited = (row.attempt == 1).then(|| row.started_at.map(|s| s - row.queued_at)).flatten();
+    crate::meters::run_started(row.kind, waited.and_then(|w| w.to_std().ok()));
     Ok(row.into())
 }
 
@@ -137,6 +139,9 @@ pub(crate) async fn requeue(
     )
     .fetch_optional(&mut *conn)
     .await?;
+    if not_before.is_some() {
+        crate::meters::run_requeued(reason.as_str());
+    }
     Ok(not_before.flatten())
 }
 
@@ -149,18 +154,21 @@ pub(crate) async fn end(
     result: Option<&Value>,
     error: Option<&RunError>,
 ) -> CoreResult<Vec<RunId>> {
-    let ended = sqlx::query_scalar!(
+    let ended = sqlx::query!(
         r#"WITH r AS (
             UPDATE runs SET status = $2, result = $3, error = $4, finished_at = clock_timestamp(),
                 lease_owner = NULL, lease_expires_at = NULL, paused = false, held = false, not_before = NULL,
                 cancel_requested = cancel_requested OR $2 = 'cancelled'::run_status, updated_at = now()
             WHERE id = ANY ($1) AND status IN ('queued', 'running')
-            RETURNING id, attempt, device_id, started_at, finished_at)
-           INSERT INTO events (type, run_id, device_id, data)
+            RETURNING id, kind, attempt, device_id, started_at, finished_at),
+           e AS (INSERT INTO events (type, run_id, device_id, data)
            SELECT $5, r.id, r.device_id, jsonb_build_object('status', $2::run_status, 'attempt', r.attempt,
                   'device_id', r.device_id, 'result', $3::jsonb, 'error', $4::jsonb,
                   'duration_ms', (extract(epoch FROM r.finished_at - r.started_at) * 1000)::bigint)
-           FROM r RETURNING run_id AS "id!: RunId""#,
+           FROM r)
+           -- The events are written whether or not this reads them (a data-modifying
+           -- CTE always runs to completion).
+           SELECT id AS "id!: RunId", kind AS "kind!: RunKind", started_at, finished_at FROM r"#,
         ids as &[RunId],
         status as RunStatus,
         result,
@@ -169,7 +177,14 @@ pub(crate) async fn end(
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(ended)
+    Ok(ended
+        .into_iter()
+        .map(|r| {
+            let ran = r.started_at.zip(r.finished_at).and_then(|(s, f)| (f - s).to_std().ok());
+            crate::meters::run_finished(r.kind, status, ran);
+            r.id
+        })
+        .collect())
 }
 
 /// Asks the holders of running runs to stop (`cancel_requested`, `run.cancel_requested`).
