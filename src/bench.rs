@@ -517,6 +517,9 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
             f(&l["delivery_ms"]["p99"]),
             f(&l["api_rss_mib"])
         );
+        for (kind, ms) in l["delivery_ms_by_type"].as_object().into_iter().flatten() {
+            println!("    {kind:<28}p50 {} ms  p99 {} ms", f(&ms["p50"]), f(&ms["p99"]));
+        }
     }
     if r["schedule_fire_lag_ms"].is_object() {
         let l = &r["schedule_fire_lag_ms"];

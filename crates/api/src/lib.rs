@@ -198,7 +198,14 @@ pub async fn serve(
             }
         })
     };
-    let head = tokio::spawn(routes::feed::share(pool.clone(), state.feed.clone(), shutdown.clone()));
+    let keys = state.engine.queue.keys();
+    let wake = routes::feed::Wake {
+        redis_url: common.redis_url.clone(),
+        // Workers publish on `feed` after their writes; every push (a run enqueued,
+        // requeued, recovered) publishes on `wake`.
+        channels: vec![keys.feed_channel(), keys.wake_channel()],
+    };
+    let head = tokio::spawn(routes::feed::share(pool.clone(), wake, state.feed.clone(), shutdown.clone()));
     let usage = {
         let (pool, usage, stop) = (pool.clone(), state.usage.clone(), shutdown.clone());
         tokio::spawn(async move {

@@ -69,6 +69,10 @@ impl Keys {
     pub fn control_channel(&self) -> String {
         format!("{}:control", self.namespace)
     }
+    /// Pub/sub channel that wakes the api's feed readers after events commit.
+    pub fn feed_channel(&self) -> String {
+        format!("{}:feed", self.namespace)
+    }
     /// Pattern matching every key of this namespace.
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)
@@ -99,6 +103,17 @@ pub struct Queue {
     keys: Keys,
     /// Where the trimmer's SCAN of stale worker metadata resumes.
     scan_cursor: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Coalesces feed wake-ups: `feed_changed` never waits on Redis.
+    feed: std::sync::Arc<FeedWake>,
+}
+
+/// The feed wake-up publisher of one process: many calls while one publish is in
+/// flight become one more publish, so the rate of PUBLISHes is bounded by Redis round
+/// trips, not by the rate of commits.
+#[derive(Default)]
+struct FeedWake {
+    pending: tokio::sync::Notify,
+    started: std::sync::OnceLock<()>,
 }
 
 impl Queue {
@@ -107,7 +122,7 @@ impl Queue {
         let conn = connection(redis_url)?;
         let keys = Keys::new(namespace);
         let storage = RedisStorage::new(conn.clone()).with_config(keys.apalis_config(1));
-        Ok(Queue { storage, conn, keys, scan_cursor: Default::default() })
+        Ok(Queue { storage, conn, keys, scan_cursor: Default::default(), feed: Default::default() })
     }
 
     /// The names of its keys.
@@ -166,6 +181,28 @@ impl Queue {
         if let Err(e) = res {
             tracing::debug!(error = %e, "wake-up publish failed");
         }
+    }
+
+    /// Says that events just committed, so the api's feed readers look now rather than
+    /// at their fallback poll. Call after the commit (a reader woken before it would
+    /// find nothing); returns at once. Best effort, like every wake-up: the table is
+    /// the record, and a lost message costs the fallback interval.
+    pub fn feed_changed(&self) {
+        let feed = self.feed.clone();
+        feed.started.get_or_init(|| {
+            let (feed, mut conn, channel) = (self.feed.clone(), self.conn.clone(), self.keys.feed_channel());
+            tokio::spawn(async move {
+                loop {
+                    // A `notify_one` with nobody waiting keeps its permit: none is lost.
+                    feed.pending.notified().await;
+                    let res: redis::RedisResult<i64> = conn.publish(&channel, 1).await;
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "feed wake-up publish failed");
+                    }
+                }
+            });
+        });
+        feed.pending.notify_one();
     }
 
     /// Asks whichever worker runs `run_id` to check it now (it was cancelled). Best
@@ -288,4 +325,17 @@ impl Queue {
             redis::pipe().llen(cfg.active_jobs_list()).zcard(cfg.scheduled_jobs_set()).query_async(&mut conn).await?;
         Ok(active + scheduled)
     }
+}
+
+/// A pub/sub connection subscribed to `channels` (connect bounded by 3 s).
+pub async fn subscribe(redis_url: &str, channels: &[&str]) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = redis::Client::open(redis_url)?;
+    let mut pubsub =
+        tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await.map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
+        })??;
+    for channel in channels {
+        pubsub.subscribe(*channel).await?;
+    }
+    Ok(pubsub)
 }

@@ -111,6 +111,8 @@ impl Executor {
     }
 
     async fn execute_inner(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Finished> {
+        // The claim committed its `run.started`: the feed may show it now.
+        self.engine.queue.feed_changed();
         let attempt = Arc::new(Attempt::new(claimed_at, self.lease_ttl));
         if let Ok(mut m) = self.inflight.lock() {
             m.insert(claimed.run.id, attempt.clone());
@@ -132,6 +134,7 @@ impl Executor {
             m.remove(&claimed.run.id);
         }
         let finished = written?;
+        self.engine.queue.feed_changed();
         self.after(&claimed, &finished).await;
         Ok(finished)
     }

@@ -65,7 +65,7 @@ impl WakeHub {
             if stop.is_cancelled() {
                 return;
             }
-            match subscribe(&redis_url, &[&channel, &control]).await {
+            match switchboard_core::queue::subscribe(&redis_url, &[&channel, &control]).await {
                 Ok(mut pubsub) => {
                     delay = Duration::from_millis(100);
                     // Whatever was pushed while we were away is fetched now.
@@ -94,16 +94,4 @@ impl WakeHub {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
-}
-
-async fn subscribe(redis_url: &str, channels: &[&str]) -> redis::RedisResult<redis::aio::PubSub> {
-    let client = redis::Client::open(redis_url)?;
-    let mut pubsub =
-        tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await.map_err(|_| {
-            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
-        })??;
-    for channel in channels {
-        pubsub.subscribe(*channel).await?;
-    }
-    Ok(pubsub)
 }

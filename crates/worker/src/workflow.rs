@@ -153,6 +153,7 @@ async fn save_step(exec: &Executor, claimed: &Claimed, step: &RunStep, attempt: 
         Detached::spawn(async move { runs::record_step(&pool, &claimed, &owner, &step).await })
     })
     .await
+    .inspect(|_| exec.engine.queue.feed_changed())
 }
 
 /// Before step `i`: honours a cancel and a pause (waiting while paused), checking the

@@ -13,6 +13,7 @@ use axum::{
     },
     response::{IntoResponse, Response},
 };
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use std::sync::{Arc, atomic::Ordering};
 use switchboard_core::{
@@ -202,49 +203,137 @@ pub struct Shared {
 /// Events the process-wide reader takes at once.
 const SHARED_BATCH: i64 = 1000;
 
-/// The one reader of the feed on this api process: it follows the head (an index read
-/// every 25 ms while idle), reads what is new once, and hands it to every WebSocket
-/// client that is caught up. Clients that are behind, or that fall behind (the
-/// channel keeps the last 256 reads), read the database themselves; nothing is held
-/// for a slow client. The events table stays the record: a process that dies loses
-/// nothing its clients cannot read again with `since`.
-pub async fn share(pool: sqlx::PgPool, out: broadcast::Sender<Arc<Shared>>, stop: tokio_util::sync::CancellationToken) {
-    let mut at = None;
+/// The one reader of the feed on this api process: it follows the head, reads what is
+/// new once, and hands it to every WebSocket client that is caught up. Clients that
+/// are behind, or that fall behind (the channel keeps the last 32 reads), read the
+/// database themselves; nothing is held for a slow client. The events table stays the
+/// record: a process that dies loses nothing its clients cannot read again with
+/// `since`.
+///
+/// It reads when woken (Redis pub/sub: writers publish after their commits, see
+/// `Queue::feed_changed`), and otherwise every `FALLBACK` (every `UNSUBSCRIBED` while
+/// it has no subscription), which covers a lost message, a writer that does not
+/// publish, and events held behind the line by a transaction that has not ended.
+pub async fn share(
+    pool: sqlx::PgPool,
+    wake: Wake,
+    out: broadcast::Sender<Arc<Shared>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let woken = Arc::new(tokio::sync::Notify::new());
+    let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(listen(wake, woken.clone(), listening.clone(), stop.clone()));
+    let (mut at, mut recheck) = (None, false);
     loop {
-        let full = match at {
+        let (more, moved) = match at {
             None => {
                 at = feed::head(&pool).await.ok();
-                false
+                (false, true)
             }
-            Some(from) => match feed::read(&pool, from, &Filter::default(), SHARED_BATCH).await {
-                Ok(batch) if batch.next > from => {
-                    let full = batch.events.len() as i64 >= SHARED_BATCH;
-                    let events = batch
-                        .events
-                        .into_iter()
-                        .map(|(p, e)| {
-                            let json = serde_json::to_string(&e).unwrap_or_default();
-                            (p, e, Utf8Bytes::from(json))
-                        })
-                        .collect();
-                    at = Some(batch.next);
-                    let _ = out.send(Arc::new(Shared { from, next: batch.next, events }));
-                    full
-                }
-                Ok(_) => false,
-                Err(e) => {
-                    tracing::debug!(error = %e, "the shared feed reader could not read");
-                    false
-                }
-            },
+            Some(from) => {
+                let (next, more) = read_shared(&pool, from, &out).await;
+                at = Some(next);
+                (more, next > from)
+            }
         };
-        if full {
+        if more {
             continue;
+        }
+        // Woken for events that an older transaction still holds behind the line: look
+        // again shortly rather than at the fallback (that transaction's own commit
+        // may not publish).
+        let wait = if recheck && !moved {
+            RECHECK
+        } else if listening.load(Ordering::Relaxed) {
+            FALLBACK
+        } else {
+            UNSUBSCRIBED
+        };
+        recheck = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = woken.notified() => true,
+            _ = tokio::time::sleep(wait) => false,
+        };
+    }
+}
+
+/// Look again this soon after a wake-up whose events were not yet below the line.
+const RECHECK: Duration = Duration::from_millis(10);
+
+/// Read when no wake-up comes.
+const FALLBACK: Duration = Duration::from_millis(100);
+/// Read while the wake-up subscription is down.
+const UNSUBSCRIBED: Duration = Duration::from_millis(25);
+
+/// Where the feed's wake-ups come from: Redis and its channels.
+#[derive(Debug, Clone)]
+pub struct Wake {
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// The channels whose messages mean "events committed".
+    pub channels: Vec<String>,
+}
+
+/// One shared read from `from`: hands the batch out; returns where it ends and whether
+/// it was full (read again at once). A failed read hands out nothing and stays put.
+async fn read_shared(pool: &sqlx::PgPool, from: Position, out: &broadcast::Sender<Arc<Shared>>) -> (Position, bool) {
+    match feed::read(pool, from, &Filter::default(), SHARED_BATCH).await {
+        Ok(batch) if batch.next > from => {
+            let full = batch.events.len() as i64 >= SHARED_BATCH;
+            let events = batch
+                .events
+                .into_iter()
+                .map(|(p, e)| {
+                    let json = serde_json::to_string(&e).unwrap_or_default();
+                    (p, e, Utf8Bytes::from(json))
+                })
+                .collect();
+            let _ = out.send(Arc::new(Shared { from, next: batch.next, events }));
+            (batch.next, full)
+        }
+        Ok(_) => (from, false),
+        Err(e) => {
+            tracing::debug!(error = %e, "the shared feed reader could not read");
+            (from, false)
+        }
+    }
+}
+
+/// Turns every message on the wake-up channels into a `woken` notification (many
+/// messages during one read become one more read), resubscribing with backoff.
+async fn listen(
+    wake: Wake,
+    woken: Arc<tokio::sync::Notify>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let channels: Vec<&str> = wake.channels.iter().map(String::as_str).collect();
+    let mut delay = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match switchboard_core::queue::subscribe(&wake.redis_url, &channels).await {
+            Ok(mut pubsub) => {
+                delay = Duration::from_millis(100);
+                listening.store(true, Ordering::Relaxed);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        msg = messages.next() => match msg {
+                            Some(_) => woken.notify_one(),
+                            None => break,
+                        },
+                    }
+                }
+                listening.store(false, Ordering::Relaxed);
+                tracing::debug!("feed wake-up subscription lost; reconnecting");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot subscribe to feed wake-ups; retrying"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -317,10 +406,8 @@ impl Client {
                 tracing::warn!(error = %e, "the feed could not be read; closing a WebSocket");
                 Some((CLOSE_UNAVAILABLE, "the feed is unavailable; reconnect with since"))
             })?;
-            for (_, event) in &batch.events {
-                let text = serde_json::to_string(event).unwrap_or_default();
-                self.send(Utf8Bytes::from(text)).await?;
-            }
+            let texts = batch.events.iter().map(|(_, e)| Utf8Bytes::from(serde_json::to_string(e).unwrap_or_default()));
+            self.send_all(texts.collect()).await?;
             self.at = batch.next;
             if (batch.events.len() as i64) < WS_BATCH {
                 return Ok(());
@@ -345,11 +432,8 @@ impl Client {
                     Ok(b) if b.next <= self.at => {}
                     Ok(b) if b.from > self.at || self.filter.needs_database() => return Ok(()),
                     Ok(b) => {
-                        for (p, e, json) in &b.events {
-                            if *p > self.at && self.filter.matches(e) == Some(true) {
-                                self.send(json.clone()).await?;
-                            }
-                        }
+                        let mine = b.events.iter().filter(|(p, e, _)| *p > self.at && self.filter.matches(e) == Some(true));
+                        self.send_all(mine.map(|(_, _, json)| json.clone()).collect()).await?;
                         self.at = b.next;
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
@@ -377,10 +461,22 @@ impl Client {
         }
     }
 
-    /// Sends one event; a send that waits past the send timeout closes a slow consumer
-    /// (nothing is buffered for it beyond what it is being sent).
-    async fn send(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        match tokio::time::timeout(self.send_timeout, self.socket.send(Message::Text(text))).await {
+    /// Sends a batch of events, one message each, written out together (one flush, not
+    /// one per event: with many clients the per-message write is what costs). A batch
+    /// that waits past the send timeout closes a slow consumer (nothing is buffered for
+    /// it beyond the batch it is being sent).
+    async fn send_all(&mut self, texts: Vec<Utf8Bytes>) -> Result<(), End> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let socket = &mut self.socket;
+        let write = async move {
+            for text in texts {
+                socket.feed(Message::Text(text)).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(self.send_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(None),
             Err(_) => Err(Some((CLOSE_SLOW_CONSUMER, "too slow: reconnect with since=<last event id>"))),
