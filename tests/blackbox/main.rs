@@ -3,6 +3,7 @@
 
 mod access;
 mod correctness;
+mod dashboard;
 mod durability;
 mod feed;
 mod foundation;

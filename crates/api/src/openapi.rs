@@ -57,6 +57,7 @@ pub const OUTSIDE: &[(&str, &str)] = &[
         (name = "schedules", description = "Cron schedules"),
         (name = "tokens", description = "API tokens and their roles"),
         (name = "events", description = "The event feed: every event once, in one order (docs/feed.md)"),
+        (name = "dashboard", description = "Figures over the run history for ops dashboards (docs/dashboard.md)"),
         (name = "system", description = "The deployment at a glance"),
         (name = "operations", description = "Health, metrics and this document"),
     )

@@ -62,6 +62,11 @@ table! {
     "/schedules/{id}/preview" { get schedules::preview => Viewer }
     "/schedules/{id}/trigger" { post schedules::trigger => Operator }
     "/events" { get feed::events => Viewer }
+    "/dashboard/summary" { get dashboard::summary => Viewer }
+    "/dashboard/devices" { get dashboard::devices => Viewer }
+    "/dashboard/modules" { get dashboard::modules => Viewer }
+    "/dashboard/flaky" { get dashboard::flaky => Viewer }
+    "/dashboard/activity/recent" { get dashboard::recent => Viewer }
     "/ws" { get feed::ws => Viewer }
     "/tokens" { get tokens::list => Admin, post tokens::create => Admin }
     "/tokens/{id}" { delete tokens::revoke => Admin }

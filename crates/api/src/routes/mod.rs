@@ -2,6 +2,7 @@
 //! `requests`), call core, and map the result; none imports another.
 
 pub mod campaigns;
+pub mod dashboard;
 pub mod devices;
 pub mod feed;
 pub mod health;

@@ -5,6 +5,7 @@
 pub mod campaign_runs;
 pub mod campaigns;
 pub mod captures;
+pub mod dashboard;
 pub mod devices;
 pub mod events;
 pub mod feed;

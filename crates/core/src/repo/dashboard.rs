@@ -1,0 +1,399 @@
+//! The dashboard's figures, each computed by one SQL statement over the history views
+//! (`v_run_history`, `v_step_history`, migration 0010), with the definitions of
+//! `docs/dashboard.md`:
+//!
+//! - a window selects the runs that finished in it; queue figures are "now";
+//! - success rate = succeeded ÷ (succeeded + failed + errored + timed_out), cancelled
+//!   runs left out, `None` when there is nothing to divide;
+//! - durations are the final attempt's, `started_at` to `finished_at`, continuous
+//!   percentiles over runs that started and were not cancelled;
+//! - pool, label and schedule filter every figure; campaign parents count only when
+//!   asked for (`kind=campaign`), so a campaign is not counted with its children.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::{
+    CoreError, CoreResult,
+    events::Event,
+    history::HistoryFilter,
+    ids::{DeviceId, RunId, ScheduleId},
+    model::{BreakerState, DeviceStatus, RunKind},
+};
+
+/// Ended runs by status.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct RunCounts {
+    /// Passed.
+    pub succeeded: i64,
+    /// A verdict failed.
+    pub failed: i64,
+    /// An infrastructure error ended it.
+    pub errored: i64,
+    /// It ran out of time.
+    pub timed_out: i64,
+    /// Cancelled (left out of the success rate).
+    pub cancelled: i64,
+}
+
+impl RunCounts {
+    /// succeeded ÷ (succeeded + failed + errored + timed_out); `None` with none of them.
+    pub fn success_rate(&self) -> Option<f64> {
+        let decided = self.succeeded + self.failed + self.errored + self.timed_out;
+        (decided > 0).then(|| self.succeeded as f64 / decided as f64)
+    }
+}
+
+/// Duration percentiles (ms).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Durations {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 95th percentile.
+    pub p95: Option<f64>,
+}
+
+/// The queue now.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct QueueNow {
+    /// Runs waiting for a device (queued, not held by a campaign, not campaign parents).
+    pub depth: i64,
+    /// How long the oldest of them has waited (seconds); `None` when none waits.
+    pub oldest_age_s: Option<f64>,
+}
+
+/// `GET /dashboard/summary`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    /// The window, as given (`24h`).
+    pub window: String,
+    /// Runs that ended in the window, by status.
+    pub runs: RunCounts,
+    /// Their success rate (0–1).
+    pub success_rate: Option<f64>,
+    /// Their durations.
+    pub duration_ms: Durations,
+    /// The queue now.
+    pub queue: QueueNow,
+    /// Devices by status now.
+    pub devices: BTreeMap<DeviceStatus, i64>,
+    /// Devices whose breaker is open or half-open now.
+    pub open_breakers: i64,
+}
+
+/// The summary of the runs `f` covers.
+pub async fn summary(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Summary> {
+    let r = sqlx::query!(
+        r#"WITH h AS MATERIALIZED (
+               SELECT status, duration_ms FROM v_run_history
+               WHERE finished_at >= now() - make_interval(secs => $1)
+                 AND ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels))
+                 AND ($4::uuid IS NULL OR schedule_id = $4)
+                 AND CASE WHEN $5::run_kind IS NULL THEN kind <> 'campaign' ELSE kind = $5 END),
+             d AS MATERIALIZED (
+               SELECT status, breaker_state FROM devices
+               WHERE ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels)))
+           SELECT
+             (SELECT count(*) FROM h WHERE status = 'succeeded') AS "succeeded!",
+             (SELECT count(*) FROM h WHERE status = 'failed') AS "failed!",
+             (SELECT count(*) FROM h WHERE status = 'errored') AS "errored!",
+             (SELECT count(*) FROM h WHERE status = 'timed_out') AS "timed_out!",
+             (SELECT count(*) FROM h WHERE status = 'cancelled') AS "cancelled!",
+             (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) FROM h
+              WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p50,
+             (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) FROM h
+              WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p95,
+             q.depth AS "depth!", q.oldest_s,
+             (SELECT COALESCE(jsonb_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n FROM d GROUP BY status) x)
+               AS "devices!",
+             (SELECT count(*) FROM d WHERE breaker_state <> 'closed') AS "open_breakers!"
+           FROM (SELECT count(*) AS depth, extract(epoch FROM now() - min(waiting_since))::float8 AS oldest_s
+                 FROM runs
+                 WHERE status = 'queued' AND NOT held AND kind <> 'campaign'
+                   AND ($2::text IS NULL OR selector ->> 'pool' = $2)
+                   AND ($3::text IS NULL OR selector -> 'labels' ? $3)
+                   AND ($4::uuid IS NULL OR schedule_id = $4)) q"#,
+        f.window.seconds(),
+        f.pool,
+        f.label,
+        f.schedule_id as Option<ScheduleId>,
+        f.kind as Option<RunKind>,
+    )
+    .fetch_one(pool)
+    .await?;
+    let runs = RunCounts {
+        succeeded: r.succeeded,
+        failed: r.failed,
+        errored: r.errored,
+        timed_out: r.timed_out,
+        cancelled: r.cancelled,
+    };
+    let devices = serde_json::from_value(r.devices)
+        .map_err(|e| CoreError::Unreadable(format!("device counts from Postgres: {e}")))?;
+    Ok(Summary {
+        window: f.window.to_string(),
+        success_rate: runs.success_rate(),
+        runs,
+        duration_ms: Durations { p50: r.p50, p95: r.p95 },
+        queue: QueueNow { depth: r.depth, oldest_age_s: r.oldest_s.map(|s| s.max(0.0)) },
+        devices,
+        open_breakers: r.open_breakers,
+    })
+}
+
+/// One device's row of `GET /dashboard/devices`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeviceFigures {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its serial.
+    pub serial: String,
+    /// Its name.
+    pub name: String,
+    /// Its pool.
+    pub pool: String,
+    /// Its status now.
+    pub status: DeviceStatus,
+    /// Its breaker now.
+    pub breaker_state: BreakerState,
+    /// Runs that ended on it in the window, by status.
+    pub runs: RunCounts,
+    /// Their success rate (0–1).
+    pub success_rate: Option<f64>,
+    /// Their mean duration (ms), cancelled runs left out.
+    pub mean_duration_ms: Option<f64>,
+    /// Attempts on it that ended in an infrastructure error in the window: runs ended
+    /// `errored` plus attempts requeued for a retry.
+    pub infrastructure_errors: i64,
+    /// The time of the latest event about it (a run on it, a status or breaker change).
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// Per device of the filter's pool and label: its figures over the window.
+pub async fn devices(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Vec<DeviceFigures>> {
+    let rows = sqlx::query!(
+        r#"WITH h AS MATERIALIZED (
+               SELECT device_id, status, duration_ms FROM v_run_history
+               WHERE finished_at >= now() - make_interval(secs => $1) AND device_id IS NOT NULL
+                 AND ($4::uuid IS NULL OR schedule_id = $4)
+                 AND CASE WHEN $5::run_kind IS NULL THEN kind <> 'campaign' ELSE kind = $5 END)
+           SELECT d.id AS "id!: DeviceId", d.serial AS "serial!", d.name AS "name!", d.pool AS "pool!",
+                  d.status AS "status!: DeviceStatus", d.breaker_state AS "breaker_state!: BreakerState",
+                  count(h.status) FILTER (WHERE h.status = 'succeeded') AS "succeeded!",
+                  count(h.status) FILTER (WHERE h.status = 'failed') AS "failed!",
+                  count(h.status) FILTER (WHERE h.status = 'errored') AS "errored!",
+                  count(h.status) FILTER (WHERE h.status = 'timed_out') AS "timed_out!",
+                  count(h.status) FILTER (WHERE h.status = 'cancelled') AS "cancelled!",
+                  avg(h.duration_ms) FILTER (WHERE h.status <> 'cancelled') AS mean_ms,
+                  (SELECT count(*) FROM events e
+                   WHERE e.device_id = d.id AND e.type = 'run.requeued' AND e.data ->> 'reason' = 'retry'
+                     AND e.at >= now() - make_interval(secs => $1)
+                     AND ($4::uuid IS NULL OR e.run_id IN (SELECT id FROM runs WHERE schedule_id = $4))) AS "retried!",
+                  (SELECT e.at FROM events e WHERE e.device_id = d.id ORDER BY e.id DESC LIMIT 1) AS last_seen_at
+           FROM devices d LEFT JOIN h ON h.device_id = d.id
+           WHERE ($2::text IS NULL OR d.pool = $2) AND ($3::text IS NULL OR $3 = ANY (d.labels))
+           GROUP BY d.id ORDER BY d.serial"#,
+        f.window.seconds(),
+        f.pool,
+        f.label,
+        f.schedule_id as Option<ScheduleId>,
+        f.kind as Option<RunKind>,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let runs = RunCounts {
+                succeeded: r.succeeded,
+                failed: r.failed,
+                errored: r.errored,
+                timed_out: r.timed_out,
+                cancelled: r.cancelled,
+            };
+            DeviceFigures {
+                device_id: r.id,
+                serial: r.serial,
+                name: r.name,
+                pool: r.pool,
+                status: r.status,
+                breaker_state: r.breaker_state,
+                success_rate: runs.success_rate(),
+                infrastructure_errors: runs.errored + r.retried,
+                runs,
+                mean_duration_ms: r.mean_ms,
+                last_seen_at: r.last_seen_at,
+            }
+        })
+        .collect())
+}
+
+/// One module's row of `GET /dashboard/modules`: its steps (a module run is one step)
+/// that ended in the window.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ModuleFigures {
+    /// The module.
+    pub module: String,
+    /// Its steps that reached an outcome (passed, failed, errored, timed out).
+    pub runs: i64,
+    /// Passed.
+    pub passed: i64,
+    /// Failed verdicts.
+    pub failed: i64,
+    /// Infrastructure errors.
+    pub errored: i64,
+    /// Timed out.
+    pub timed_out: i64,
+    /// passed ÷ runs (0–1).
+    pub pass_rate: Option<f64>,
+    /// Its failed verdicts that were flaky (`flaky`).
+    pub flaky: i64,
+}
+
+/// Per module: its steps over the window, and how many of its failures were flaky.
+pub async fn modules(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Vec<ModuleFigures>> {
+    let rows = sqlx::query!(
+        r#"SELECT module AS "module!",
+                  count(*) FILTER (WHERE step_status = 'passed') AS "passed!",
+                  count(*) FILTER (WHERE step_status = 'failed') AS "failed!",
+                  count(*) FILTER (WHERE step_status = 'errored') AS "errored!",
+                  count(*) FILTER (WHERE step_status = 'timed_out') AS "timed_out!"
+           FROM v_step_history
+           WHERE run_finished_at >= now() - make_interval(secs => $1)
+             AND ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels))
+             AND ($4::uuid IS NULL OR schedule_id = $4)
+             AND ($5::run_kind IS NULL OR kind = $5)
+           GROUP BY module ORDER BY module"#,
+        f.window.seconds(),
+        f.pool,
+        f.label,
+        f.schedule_id as Option<ScheduleId>,
+        f.kind as Option<RunKind>,
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut flaky_by_module: BTreeMap<String, i64> = BTreeMap::new();
+    for failure in flaky(pool, f).await? {
+        *flaky_by_module.entry(failure.module).or_default() += 1;
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let runs = r.passed + r.failed + r.errored + r.timed_out;
+            ModuleFigures {
+                flaky: flaky_by_module.get(&r.module).copied().unwrap_or(0),
+                pass_rate: (runs > 0).then(|| r.passed as f64 / runs as f64),
+                module: r.module,
+                runs,
+                passed: r.passed,
+                failed: r.failed,
+                errored: r.errored,
+                timed_out: r.timed_out,
+            }
+        })
+        .collect())
+}
+
+/// A failed verdict that was flaky, with the passing runs that make it so.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FlakyFailure {
+    /// The run whose step failed.
+    pub run_id: RunId,
+    /// The step's index (0 for a module run).
+    pub step: i32,
+    /// The module.
+    pub module: String,
+    /// Its effective parameters (defaults filled in).
+    pub params: Value,
+    /// The device it failed on.
+    pub device_id: Option<DeviceId>,
+    /// That device's serial.
+    pub device_serial: Option<String>,
+    /// When the failing run ended.
+    pub failed_at: DateTime<Utc>,
+    /// Runs retried from it (its `retry_of` chain) whose same step passed.
+    pub passed_on_retry: Vec<RunId>,
+    /// Other runs in the window whose step of the same module and params passed on the
+    /// same device.
+    pub passed_on_same_device: Vec<RunId>,
+}
+
+/// Every flaky failed verdict in the window, newest first. A failed step is flaky when
+/// a retry of its run (following `retry_of`, retries of retries included) passed the
+/// same step, or when the same module with the same effective parameters passed on the
+/// same device within the window.
+pub async fn flaky(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Vec<FlakyFailure>> {
+    let rows = sqlx::query!(
+        r#"WITH RECURSIVE steps AS MATERIALIZED (
+               SELECT run_id, idx, module, params, step_status, device_id, device_serial, run_finished_at
+               FROM v_step_history
+               WHERE run_finished_at >= now() - make_interval(secs => $1)
+                 AND ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels))
+                 AND ($4::uuid IS NULL OR schedule_id = $4)
+                 AND ($5::run_kind IS NULL OR kind = $5)),
+             failed AS MATERIALIZED (SELECT * FROM steps WHERE step_status = 'failed'),
+             chain (root, id) AS (
+               SELECT r.retry_of, r.id FROM runs r WHERE r.retry_of IN (SELECT run_id FROM failed)
+               UNION
+               SELECT c.root, r.id FROM chain c JOIN runs r ON r.retry_of = c.id),
+             judged AS (
+               SELECT f.*,
+                 array(SELECT c.id FROM chain c JOIN run_steps s ON s.run_id = c.id
+                       WHERE c.root = f.run_id AND s.idx = f.idx AND s.status = 'passed' ORDER BY c.id) AS on_retry,
+                 array(SELECT p.run_id FROM steps p
+                       WHERE p.step_status = 'passed' AND p.module = f.module AND p.params = f.params
+                         AND p.device_id = f.device_id AND p.run_id <> f.run_id ORDER BY p.run_id) AS on_device
+               FROM failed f)
+           SELECT run_id AS "run_id!: RunId", idx AS "idx!", module AS "module!", params AS "params!",
+                  device_id AS "device_id?: DeviceId", device_serial, run_finished_at AS "failed_at!",
+                  on_retry AS "on_retry!: Vec<RunId>", on_device AS "on_device!: Vec<RunId>"
+           FROM judged WHERE cardinality(on_retry) > 0 OR cardinality(on_device) > 0
+           ORDER BY run_finished_at DESC, run_id, idx"#,
+        f.window.seconds(),
+        f.pool,
+        f.label,
+        f.schedule_id as Option<ScheduleId>,
+        f.kind as Option<RunKind>,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FlakyFailure {
+            run_id: r.run_id,
+            step: r.idx,
+            module: r.module,
+            params: r.params,
+            device_id: r.device_id,
+            device_serial: r.device_serial,
+            failed_at: r.failed_at,
+            passed_on_retry: r.on_retry,
+            passed_on_same_device: r.on_device,
+        })
+        .collect())
+}
+
+/// The latest events of every kind in the window, newest first, about the filter's
+/// devices (pool, label) or schedule (its ticks and the runs it started).
+pub async fn recent(pool: &PgPool, f: &HistoryFilter, limit: i64) -> CoreResult<Vec<Event>> {
+    Ok(sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.type AS kind, e.at, e.run_id, e.device_id, e.schedule_id, e.host_id, e.data FROM events e
+           WHERE e.at >= now() - make_interval(secs => $1)
+             AND ($2::text IS NULL OR e.device_id IN (SELECT id FROM devices WHERE pool = $2))
+             AND ($3::text IS NULL OR e.device_id IN (SELECT id FROM devices WHERE $3 = ANY (labels)))
+             AND ($4::uuid IS NULL OR e.schedule_id = $4 OR e.run_id IN (SELECT id FROM runs WHERE schedule_id = $4))
+           ORDER BY e.id DESC LIMIT $5"#,
+        f.window.seconds(),
+        f.pool,
+        f.label,
+        f.schedule_id as Option<ScheduleId>,
+        limit,
+    )
+    .fetch_all(pool)
+    .await?)
+}

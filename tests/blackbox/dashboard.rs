@@ -1,0 +1,178 @@
+//! The dashboard API (issue 12): every figure checked against runs the test made,
+//! with known outcomes and durations.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+/// Registers a sim device with a pool, labels and sim behaviour.
+async fn device(api: &Api, serial: &str, pool: &str, labels: Value, sim: Value) -> String {
+    let body = json!({"serial": serial, "pool": pool, "labels": labels, "driver": "sim", "metadata": {"sim": sim}});
+    let r = api.post("/api/v1/devices", body).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// Starts a module run on the device with `serial` and waits for its end.
+async fn run_on(api: &Api, module: &str, serial: &str, params: Value, extra: Value) -> Value {
+    let mut body = json!({"params": params, "device": {"serial": serial}});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let started = api.start(module, body).await;
+    api.wait_terminal(started["id"].as_str().unwrap(), Duration::from_secs(30)).await
+}
+
+fn get_f64(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The continuous median of a sorted list, as Postgres' percentile_cont computes it.
+fn median(sorted: &[f64]) -> f64 {
+    let at = (sorted.len() - 1) as f64 * 0.5;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_figures_match_the_runs_that_made_them() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "10")]));
+    let five_g = device(&api, "dash-a", "lab", json!(["5g"]), json!({})).await;
+    device(&api, "dash-b", "lab", json!([]), json!({})).await;
+    let flaky_dev = device(&api, "dash-flaky", "flaky", json!([]), json!({"fail_rate": 1.0})).await;
+    let err_dev = device(&api, "dash-err", "bad", json!([]), json!({"error_rate": 1.0})).await;
+    let parked = device(&api, "dash-parked", "nowhere", json!([]), json!({})).await;
+
+    // Three passes of known lengths on the 5g device.
+    let mut durations = Vec::new();
+    for ms in [150, 150, 400] {
+        let done = run_on(&api, "sleep", "dash-a", json!({"ms": ms}), json!({})).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        durations.push(get_f64(&done["duration_ms"]));
+    }
+    durations.sort_by(f64::total_cmp);
+    // A failed verdict, then (the device fixed) its retry passes: flaky.
+    let failed = run_on(&api, "ping", "dash-flaky", json!({"count": 1}), json!({})).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let failed_id = failed["id"].as_str().unwrap();
+    let r = api.patch(&format!("/api/v1/devices/{flaky_dev}"), json!({"metadata": {"sim": {"fail_rate": 0.0}}})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let retry = api.post(&format!("/api/v1/runs/{failed_id}/retry"), json!({})).await;
+    assert_eq!(retry.status, 202, "{:?}", retry.body);
+    let retry_id = retry.body["id"].as_str().unwrap().to_string();
+    assert_eq!(api.wait_terminal(&retry_id, Duration::from_secs(30)).await["status"], "succeeded");
+    // An infrastructure error, with no retry.
+    let errored = run_on(&api, "ping", "dash-err", json!({"count": 1}), json!({"max_attempts": 1})).await;
+    assert_eq!(errored["status"], "errored", "{errored}");
+    // A cancelled run, left out of the success rate.
+    let long = api.start("sleep", json!({"params": {"ms": 60000}, "device": {"serial": "dash-b"}})).await;
+    let long_id = long["id"].as_str().unwrap();
+    eventually(Duration::from_secs(15), "the long run running", || async {
+        (api.run(long_id).await["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(api.post(&format!("/api/v1/runs/{long_id}/cancel"), json!({})).await.status, 200);
+    assert_eq!(api.wait_terminal(long_id, Duration::from_secs(15)).await["status"], "cancelled");
+    // One run waiting: its only device is in maintenance.
+    let r = api.patch(&format!("/api/v1/devices/{parked}"), json!({"status": "maintenance"})).await;
+    assert_eq!(r.status, 200);
+    api.start("sleep", json!({"params": {"ms": 1}, "device": {"pool": "nowhere"}})).await;
+
+    // Summary: every run of the window.
+    let s = api.get("/api/v1/dashboard/summary?window=1h").await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    let s = s.body;
+    assert_eq!(s["window"], "1h");
+    assert_eq!(s["runs"], json!({"succeeded": 4, "failed": 1, "errored": 1, "timed_out": 0, "cancelled": 1}), "{s}");
+    assert!((get_f64(&s["success_rate"]) - 4.0 / 6.0).abs() < 1e-9, "{s}");
+    assert_eq!(s["queue"]["depth"], 1, "{s}");
+    assert!(get_f64(&s["queue"]["oldest_age_s"]) >= 0.0);
+    assert_eq!(s["devices"], json!({"online": 4, "maintenance": 1}), "{s}");
+    assert_eq!(s["open_breakers"], 0);
+
+    // The 5g label: exactly the three sleeps, and their median duration.
+    let s = api.get("/api/v1/dashboard/summary?window=1h&label=5g").await.body;
+    assert_eq!(s["runs"], json!({"succeeded": 3, "failed": 0, "errored": 0, "timed_out": 0, "cancelled": 0}), "{s}");
+    assert_eq!(s["success_rate"], 1.0);
+    let p50 = get_f64(&s["duration_ms"]["p50"]);
+    // The run resource rounds to whole milliseconds; the dashboard does not.
+    assert!((p50 - median(&durations)).abs() <= 1.0, "p50 {p50} vs {durations:?}");
+    assert!(get_f64(&s["duration_ms"]["p95"]) >= p50);
+    assert_eq!(s["devices"], json!({"online": 1}));
+    // A pool: the lab's runs (three passes and the cancelled one).
+    let s = api.get("/api/v1/dashboard/summary?window=1h&pool=lab").await.body;
+    assert_eq!(s["runs"]["succeeded"], 3);
+    assert_eq!(s["runs"]["cancelled"], 1);
+    assert_eq!(s["success_rate"], 1.0);
+    let s = api.get("/api/v1/dashboard/summary?window=1h&pool=nowhere").await.body;
+    assert_eq!(s["queue"]["depth"], 1);
+    assert_eq!(s["success_rate"], Value::Null, "nothing decided in that pool: no rate");
+
+    // Devices.
+    let d = api.get("/api/v1/dashboard/devices?window=1h").await;
+    assert_eq!(d.status, 200, "{:?}", d.body);
+    let rows = d.body["items"].as_array().unwrap().clone();
+    let row = |id: &str| rows.iter().find(|r| r["device_id"] == id).unwrap_or_else(|| panic!("no row {id}")).clone();
+    let a = row(&five_g);
+    assert_eq!(a["runs"]["succeeded"], 3);
+    let mean = durations.iter().sum::<f64>() / 3.0;
+    assert!((get_f64(&a["mean_duration_ms"]) - mean).abs() <= 1.0, "{a} vs {durations:?}");
+    assert_eq!(a["breaker_state"], "closed");
+    assert!(a["last_seen_at"].is_string());
+    let e = row(&err_dev);
+    assert_eq!(e["runs"]["errored"], 1);
+    assert_eq!(e["infrastructure_errors"], 1);
+    assert_eq!(e["success_rate"], 0.0);
+    let f = row(&flaky_dev);
+    assert_eq!((f["runs"]["failed"].clone(), f["runs"]["succeeded"].clone()), (json!(1), json!(1)));
+    assert_eq!(rows.len(), 5);
+
+    // Modules: steps, pass rate, flaky count.
+    let m = api.get("/api/v1/dashboard/modules?window=1h").await.body;
+    let items = m["items"].as_array().unwrap();
+    let ping = items.iter().find(|r| r["module"] == "ping").unwrap();
+    assert_eq!((ping["runs"].clone(), ping["passed"].clone(), ping["failed"].clone()), (json!(3), json!(1), json!(1)));
+    assert_eq!(ping["errored"], 1);
+    assert!((get_f64(&ping["pass_rate"]) - 1.0 / 3.0).abs() < 1e-9);
+    assert_eq!(ping["flaky"], 1);
+    let sleep = items.iter().find(|r| r["module"] == "sleep").unwrap();
+    assert_eq!(
+        (sleep["runs"].clone(), sleep["passed"].clone(), sleep["flaky"].clone()),
+        (json!(3), json!(3), json!(0))
+    );
+
+    // Flaky: the failure, with the retry that passed (on the same device, too).
+    let fl = api.get("/api/v1/dashboard/flaky?window=1h").await.body;
+    let items = fl["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{fl}");
+    assert_eq!(items[0]["run_id"], failed_id);
+    assert_eq!(items[0]["module"], "ping");
+    assert_eq!(items[0]["device_serial"], "dash-flaky");
+    assert_eq!(items[0]["passed_on_retry"], json!([retry_id]));
+    assert_eq!(items[0]["passed_on_same_device"], json!([retry_id]));
+
+    // Recent activity: newest first, bounded, filtered.
+    let recent = api.get("/api/v1/dashboard/activity/recent?window=1h&limit=5").await.body;
+    let ids: Vec<i64> = recent["items"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
+    let bad = api.get("/api/v1/dashboard/activity/recent?window=1h&pool=bad&limit=500").await.body;
+    let bad = bad["items"].as_array().unwrap();
+    assert!(!bad.is_empty() && bad.iter().all(|e| e["device_id"] == err_dev.as_str()), "{bad:?}");
+
+    // Bad input: the envelope, naming the parameter.
+    for (query, field) in [
+        ("window=abc", "window"),
+        ("window=0h", "window"),
+        ("window=500d", "window"),
+        ("kind=bogus", "kind"),
+        ("schedule_id=nope", "schedule_id"),
+        ("since=1", "since"),
+    ] {
+        let r = api.get(&format!("/api/v1/dashboard/summary?{query}")).await;
+        assert_eq!(r.status, 422, "{query}: {:?}", r.body);
+        assert!(r.body["error"]["details"]["fields"][field].is_string(), "{query}: {:?}", r.body);
+    }
+}
