@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_feed;
+mod run_cmd;
 mod watch;
 
 use anyhow::Context;
@@ -62,6 +63,12 @@ enum Command {
         #[command(flatten)]
         bench: bench::BenchConfig,
     },
+    /// Start a run for CI and follow it to its end: exit 0 passed, 10 a verdict failed,
+    /// 15 timed out, 19 cancelled, 20 infrastructure error (1-9: usage or API errors).
+    Run {
+        #[command(flatten)]
+        run: run_cmd::RunConfig,
+    },
     /// Follow the event feed in a terminal (reconnects and resumes by itself).
     Watch {
         #[command(flatten)]
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             finish(t, bench::run(bench).await).await
         }
         Command::Watch { watch } => watch::run(watch).await,
+        Command::Run { run } => std::process::exit(run_cmd::run(run).await),
         Command::Dev { common, api, worker, scheduler } => {
             let t = telemetry::init(&common.log_format, "dev");
             finish(t, dev(common, api, worker, scheduler).await).await

@@ -14,4 +14,5 @@ mod observability;
 mod orchestration;
 mod otlp;
 mod phones;
+mod reports;
 mod scheduling;

@@ -46,6 +46,7 @@ table! {
     "/runs/{id}" { get runs::get => Viewer }
     "/runs/{id}/events" { get runs::events => Viewer }
     "/runs/{id}/captures" { get runs::captures => Viewer }
+    "/runs/{id}/junit.xml" { get runs::junit => Viewer }
     "/runs/{id}/captures/{capture_id}" { get runs::capture => Viewer }
     "/runs/{id}/cancel" { post runs::cancel => Operator }
     "/runs/{id}/pause" { post runs::pause => Operator }

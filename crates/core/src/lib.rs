@@ -17,6 +17,7 @@ pub mod events;
 pub mod formats;
 pub mod history;
 pub mod ids;
+pub mod junit;
 pub mod launch;
 pub mod lifecycle;
 pub mod meters;

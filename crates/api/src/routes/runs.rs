@@ -13,11 +13,12 @@ use serde::Serialize;
 use switchboard_core::{
     events::Event,
     ids::{CaptureId, EventId, RunId},
+    junit,
     model::{Run, RunKind, RunStatus},
     pagination::Page,
     repo::tokens::Principal,
     repo::{
-        captures, events,
+        captures, events, reports,
         runs::{self, RunFilter},
     },
 };
@@ -236,4 +237,35 @@ pub async fn capture(
         (axum::http::HeaderName::from_static("x-capture-truncated"), info.truncated.to_string()),
     ];
     Ok((headers, data).into_response())
+}
+
+/// `GET /runs/{id}/junit.xml`: the run as a JUnit XML report, for CI (`docs/reports.md`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/junit.xml",
+    operation_id = "getRunJunit",
+    tag = "runs",
+    params(("id" = uuid::Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "One testsuite: a testcase per step, or per campaign item", content_type = "application/xml", body = String))
+)]
+pub async fn junit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<impl axum::response::IntoResponse> {
+    let id: RunId = path_id("run", &id)?;
+    let url = format!("{}/api/v1/runs/{id}", public_base(&headers));
+    let suite = reports::junit_suite(&state.engine.pool, id, &url).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/xml; charset=utf-8")], junit::render(&suite)))
+}
+
+/// The server's root as the client reached it (`X-Forwarded-Proto` and `Host`, as a
+/// proxy in front sets them), for links in reports.
+fn public_base(headers: &HeaderMap) -> String {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let proto = get("x-forwarded-proto").filter(|p| matches!(*p, "http" | "https")).unwrap_or("http");
+    let host = get("x-forwarded-host").or_else(|| get("host")).unwrap_or("localhost");
+    // A Host header is the client's word: keep it to the characters a host can have.
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(*c)).collect();
+    format!("{proto}://{host}")
 }

@@ -12,6 +12,7 @@ pub mod feed;
 pub mod hosts;
 pub mod presence;
 pub mod processes;
+pub mod reports;
 pub mod runs;
 pub mod schedules;
 pub mod stats;
