@@ -176,3 +176,87 @@ async fn dashboard_figures_match_the_runs_that_made_them() {
         assert!(r.body["error"]["details"]["fields"][field].is_string(), "{query}: {:?}", r.body);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_finds_each_kind_ranked_and_bounded() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(FAST);
+    device(&api, "R58M-KESTREL-01", "lab", json!(["volte"]), json!({})).await;
+    device(&api, "R58M-OSPREY-02", "lab", json!([]), json!({})).await;
+    let wf = api
+        .post(
+            "/api/v1/workflows",
+            json!({"name": "kestrel-volte-smoke", "steps": [{"module": "sleep", "params": {"ms": 1}}]}),
+        )
+        .await;
+    assert_eq!(wf.status, 201);
+    let camp = api
+        .post("/api/v1/campaigns", json!({"name": "kestrel-nightly", "items": [{"module": "sleep", "params": {"ms": 1}, "device": {"pool": "lab"}}]}))
+        .await;
+    assert_eq!(camp.status, 201, "{:?}", camp.body);
+    let sched = api
+        .post(
+            "/api/v1/schedules",
+            json!({"name": "kestrel-hourly", "cron": "0 0 * * * *", "enabled": false,
+            "target": {"kind": "module", "id": "sleep", "params": {"ms": 1}, "device": {"pool": "lab"}}}),
+        )
+        .await;
+    assert_eq!(sched.status, 201, "{:?}", sched.body);
+    let host = api.post("/api/v1/hosts/register", json!({"name": "kestrel-rack", "url": "http://127.0.0.1:9"})).await;
+    assert!(host.status == 200 || host.status == 201, "{:?}", host.body);
+    let run = api.post("/api/v1/modules/sleep/runs", json!({"params": {"ms": 1}, "device": {"pool": "lab"}})).await;
+    let run_id = run.body["id"].as_str().unwrap().to_string();
+    let keyed = api
+        .client
+        .post(format!("{}/api/v1/modules/sleep/runs", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("idempotency-key", "ci-build-4711")
+        .json(&json!({"params": {"ms": 1}, "device": {"pool": "lab"}}))
+        .send()
+        .await
+        .unwrap();
+    let keyed: Value = keyed.json().await.unwrap();
+
+    let find = |q: String| {
+        let api = &api;
+        async move {
+            let r = api.get(&format!("/api/v1/search?q={q}")).await;
+            assert_eq!(r.status, 200, "{q}: {:?}", r.body);
+            r.body["items"].as_array().unwrap().clone()
+        }
+    };
+    let hits = find("kestrel".into()).await;
+    let kinds: Vec<&str> = hits.iter().map(|h| h["kind"].as_str().unwrap()).collect();
+    for kind in ["device", "workflow", "campaign", "schedule", "host"] {
+        assert!(kinds.contains(&kind), "{kind} not found: {hits:?}");
+    }
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "ranked: {scores:?}");
+    // An exact name first; a label; a near miss; a module of the catalog.
+    assert_eq!(find("kestrel-nightly".into()).await[0]["kind"], "campaign");
+    assert!(
+        find("volte".into())
+            .await
+            .iter()
+            .any(|h| h["kind"] == "device" && h["detail"].as_str().unwrap().contains("[volte]"))
+    );
+    assert!(find("R58M-OSPRY".into()).await.iter().any(|h| h["name"] == "R58M-OSPREY-02"), "a near miss");
+    let modules = find("airplane".into()).await;
+    assert_eq!(modules[0]["kind"], "module", "{modules:?}");
+    // Runs by id prefix and by idempotency key.
+    let by_prefix = find(run_id[..8].to_string()).await;
+    assert!(by_prefix.iter().any(|h| h["kind"] == "run" && h["id"] == run_id.as_str()), "{by_prefix:?}");
+    let by_key = find("ci-build-4711".into()).await;
+    assert_eq!(by_key[0]["id"], keyed["id"], "{by_key:?}");
+    // Bounded, and bad input refused.
+    assert_eq!(api.get("/api/v1/search?q=R58M&limit=1").await.body["items"].as_array().unwrap().len(), 1);
+    for query in ["", "q=", "q=%20%20", "q=a&limit=0", "q=a&limit=101", "q=a&other=1"] {
+        let r = api.get(&format!("/api/v1/search?{query}")).await;
+        assert_eq!(r.status, 422, "{query}: {:?}", r.body);
+    }
+    let long = "x".repeat(201);
+    assert_eq!(api.get(&format!("/api/v1/search?q={long}")).await.status, 422);
+    // LIKE's wildcards are text, not patterns.
+    assert!(find("%25".into()).await.iter().all(|h| h["kind"] != "device"), "a % matched every device");
+}

@@ -32,6 +32,7 @@ macro_rules! table {
 
 table! {
     "/system/info" { get system::info => Viewer }
+    "/search" { get search::search => Viewer }
     "/devices" { get devices::list => Viewer, post devices::create => Admin }
     "/devices/{id}" { get devices::get => Viewer, patch devices::update => Admin, delete devices::delete => Admin }
     "/devices/{id}/runs" { get devices::runs => Viewer }

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod modules;
 pub mod runs;
 pub mod schedules;
+pub mod search;
 pub mod system;
 pub mod tokens;
 pub mod workflows;

@@ -15,6 +15,7 @@ pub mod processes;
 pub mod reports;
 pub mod runs;
 pub mod schedules;
+pub mod search;
 pub mod stats;
 pub mod tokens;
 pub mod workflows;
