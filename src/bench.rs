@@ -59,6 +59,10 @@ pub struct BenchConfig {
     /// runs (and twice as many events) are added to the history (0 skips it).
     #[arg(long, default_value_t = 0)]
     pub scrape_history: usize,
+    /// Also measure retention: add this many runs ended 100 days ago (each with a step
+    /// and three events) and time pruning them in the scheduler's batches (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub prune_history: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -332,6 +336,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     let fire_lag = if cfg.fire_lag_seconds > 0 { Some(fire_lag(cfg, dep, &http).await?) } else { None };
     let rss = dep.rss_kib();
     let scrape = if cfg.scrape_history > 0 { Some(scrape_cost(cfg, dep, &http, &id).await?) } else { None };
+    let prune = if cfg.prune_history > 0 { Some(prune_cost(cfg, dep, &id).await?) } else { None };
     let feed = if cfg.feed_clients > 0 {
         Some(crate::bench_feed::measure(cfg, &dep.base, TOKEN, &dep.pool, dep.children[0].id()).await?)
     } else {
@@ -356,6 +361,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         "schedule_fire_lag_ms": fire_lag,
         "feed": feed,
         "metrics_scrape_ms": scrape,
+        "retention": prune,
         "rounds": rounds,
     }))
 }
@@ -406,6 +412,49 @@ async fn scrape_cost(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client
         "p50_before": before, "p50_after": after, "ratio": after / before,
         "refresh_p50_before": refresh_before, "refresh_p50_after": refresh_after,
         "refresh_ratio": refresh_after / refresh_before,
+    }))
+}
+
+/// Retention's cost: `prune_history` runs ended 100 days ago, pruned batch by batch
+/// as the scheduler does (500 runs a statement); total, per 10,000 runs, and the
+/// longest batch (how long one prune statement holds its rows).
+async fn prune_cost(cfg: &BenchConfig, dep: &Deployment, run: &str) -> anyhow::Result<Value> {
+    eprintln!("retention: adding {} runs ended 100 days ago ...", cfg.prune_history);
+    let run: uuid::Uuid = run.parse()?;
+    let mut tx = dep.pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+    sqlx::query(
+        "WITH copies AS (
+             INSERT INTO runs SELECT (jsonb_populate_record(NULL::runs, to_jsonb(r)
+                 || jsonb_build_object('id', gen_random_uuid(), 'idempotency_key', NULL, 'idempotency_scope', NULL,
+                        'started_at', now() - interval '100 days 1 second', 'finished_at', now() - interval '100 days'))).*
+             FROM runs r, generate_series(1, $2) WHERE r.id = $1 RETURNING id),
+         st AS (INSERT INTO run_steps (run_id, idx, module, params, status, attempt)
+                SELECT c.id, 0, 'sleep', '{}', 'passed', 1 FROM copies c)
+         INSERT INTO events (type, run_id, data)
+         SELECT t, c.id, '{}' FROM copies c, unnest(ARRAY['run.queued', 'run.started', 'run.finished']) t",
+    )
+    .bind(run)
+    .bind(cfg.prune_history as i64)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    sqlx::query("ANALYZE runs").execute(&dep.pool).await?;
+    let keep = Duration::from_secs(90 * 86_400);
+    let (mut total, mut longest, started) = (repo::retention::Pruned::default(), 0.0f64, Instant::now());
+    loop {
+        let t = Instant::now();
+        let p = repo::retention::prune_runs(&dep.pool, keep, 500).await?;
+        longest = longest.max(t.elapsed().as_secs_f64() * 1000.0);
+        total += p;
+        if p.runs < 500 {
+            break;
+        }
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({
+        "runs": total.runs, "steps": total.steps, "events": total.events, "total_ms": ms,
+        "ms_per_10000_runs": ms * 10_000.0 / total.runs.max(1) as f64, "longest_batch_ms": longest,
     }))
 }
 
@@ -506,6 +555,18 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
             f(&m["refresh_p50_before"]),
             f(&m["refresh_p50_after"]),
             f(&m["refresh_ratio"])
+        );
+    }
+    if r["retention"].is_object() {
+        let p = &r["retention"];
+        println!(
+            "  retention                     pruned {} runs, {} steps, {} events in {} ms: {} ms per 10,000 runs; longest batch {} ms",
+            p["runs"],
+            p["steps"],
+            p["events"],
+            f(&p["total_ms"]),
+            f(&p["ms_per_10000_runs"]),
+            f(&p["longest_batch_ms"])
         );
     }
     if r["feed"].is_object() {

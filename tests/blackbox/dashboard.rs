@@ -260,3 +260,134 @@ async fn search_finds_each_kind_ranked_and_bounded() {
     // LIKE's wildcards are text, not patterns.
     assert!(find("%25".into()).await.iter().all(|h| h["kind"] != "device"), "a % matched every device");
 }
+
+/// Ages a run (and, with `family`, its campaign children) by `days`, as if it had
+/// ended then.
+async fn age(pg: &sqlx::PgPool, run: &str, days: i32, family: bool) {
+    let id: uuid::Uuid = run.parse().unwrap();
+    sqlx::query(
+        "UPDATE runs SET finished_at = now() - make_interval(days => $2), started_at = now() - make_interval(days => $2)
+         WHERE id = $1 OR ($3 AND parent_run_id = $1)",
+    )
+    .bind(id)
+    .bind(days)
+    .bind(family)
+    .execute(pg)
+    .await
+    .unwrap();
+}
+
+async fn count(pg: &sqlx::PgPool, sql: &'static str, run: &str) -> i64 {
+    sqlx::query_scalar(sql).bind(run.parse::<uuid::Uuid>().unwrap()).fetch_one(pg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_exactly_the_old_ended_runs_with_their_steps_and_events() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(FAST);
+    device(&api, "ret-1", "ret", json!([]), json!({})).await;
+    let parked = device(&api, "ret-parked", "parked", json!([]), json!({})).await;
+    let sleep = json!({"params": {"ms": 1}, "device": {"pool": "ret"}});
+    let mut ended = Vec::new();
+    for _ in 0..3 {
+        let r = api.start("sleep", sleep.clone()).await;
+        ended.push(r["id"].as_str().unwrap().to_string());
+    }
+    let wf = api.post("/api/v1/workflows", json!({"name": "ret-wf", "steps": [{"module": "sleep", "params": {"ms": 1}}, {"module": "sleep", "params": {"ms": 1}}]})).await;
+    let r = api
+        .post(
+            &format!("/api/v1/workflows/{}/runs", wf.body["id"].as_str().unwrap()),
+            json!({"device": {"pool": "ret"}}),
+        )
+        .await;
+    ended.push(r.body["id"].as_str().unwrap().to_string());
+    let camp = api
+        .post(
+            "/api/v1/campaigns",
+            json!({"name": "ret-camp", "items": [
+            {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "ret"}},
+            {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "ret"}}]}),
+        )
+        .await;
+    let camp_id = camp.body["id"].as_str().unwrap().to_string();
+    let mut campaigns = Vec::new();
+    for _ in 0..2 {
+        let r = api.post(&format!("/api/v1/campaigns/{camp_id}/runs"), json!({})).await;
+        campaigns.push(r.body["id"].as_str().unwrap().to_string());
+    }
+    for id in ended.iter().chain(&campaigns) {
+        assert_eq!(api.wait_terminal(id, Duration::from_secs(30)).await["status"], "succeeded");
+    }
+    assert_eq!(api.patch(&format!("/api/v1/devices/{parked}"), json!({"status": "maintenance"})).await.status, 200);
+    let waiting = api.start("sleep", json!({"params": {"ms": 1}, "device": {"pool": "parked"}})).await;
+    let waiting = waiting["id"].as_str().unwrap().to_string();
+
+    let pg = env.pg().await;
+    // Old: two module runs, the workflow run, and the first campaign with its children.
+    let (old, recent) =
+        (vec![ended[0].clone(), ended[1].clone(), ended[3].clone(), campaigns[0].clone()], ended[2].clone());
+    for id in &old {
+        age(&pg, id, 100, true).await;
+    }
+    // The second campaign: only its children are old (it ended recently): kept whole.
+    age(&pg, &campaigns[1], 100, false).await;
+    sqlx::query("UPDATE runs SET finished_at = now() - interval '100 days' WHERE parent_run_id = $1")
+        .bind(campaigns[1].parse::<uuid::Uuid>().unwrap())
+        .execute(&pg)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET finished_at = now() WHERE id = $1")
+        .bind(campaigns[1].parse::<uuid::Uuid>().unwrap())
+        .execute(&pg)
+        .await
+        .unwrap();
+    // A queued run, however old its timestamps, is never pruned.
+    age(&pg, &waiting, 100, false).await;
+    // An old event about a device, and a recent one.
+    sqlx::query("UPDATE events SET at = now() - interval '100 days' WHERE type = 'device.created' AND run_id IS NULL AND data -> 'device' ->> 'serial' = 'ret-1'")
+        .execute(&pg)
+        .await
+        .unwrap();
+    let old_children: Vec<String> = sqlx::query_scalar("SELECT id::text FROM runs WHERE parent_run_id = $1")
+        .bind(campaigns[0].parse::<uuid::Uuid>().unwrap())
+        .fetch_all(&pg)
+        .await
+        .unwrap();
+    assert_eq!(old_children.len(), 2);
+
+    let _scheduler = env.scheduler(&[("SWITCHBOARD_RETENTION_INTERVAL_S", "1")]);
+    eventually(Duration::from_secs(20), "the old runs pruned", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = ANY ($1::uuid[])")
+            .bind(old.iter().map(|s| s.parse::<uuid::Uuid>().unwrap()).collect::<Vec<_>>())
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    for id in old.iter().chain(&old_children) {
+        assert_eq!(count(&pg, "SELECT count(*) FROM runs WHERE id = $1", id).await, 0, "{id}");
+        assert_eq!(count(&pg, "SELECT count(*) FROM run_steps WHERE run_id = $1", id).await, 0, "{id}'s steps");
+        assert_eq!(count(&pg, "SELECT count(*) FROM events WHERE run_id = $1", id).await, 0, "{id}'s events");
+        assert_eq!(api.get(&format!("/api/v1/runs/{id}")).await.status, 404);
+    }
+    // Everything else stays, with its steps and events.
+    let kept: Vec<String> = vec![recent, waiting, campaigns[1].clone()];
+    for id in &kept {
+        assert_eq!(count(&pg, "SELECT count(*) FROM runs WHERE id = $1", id).await, 1, "{id} kept");
+        assert!(count(&pg, "SELECT count(*) FROM events WHERE run_id = $1", id).await > 0, "{id}'s events kept");
+    }
+    assert_eq!(count(&pg, "SELECT count(*) FROM runs WHERE parent_run_id = $1", &campaigns[1]).await, 2);
+    assert_eq!(count(&pg, "SELECT count(*) FROM run_steps WHERE run_id = $1", &kept[0]).await, 1);
+    let old_device_events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE type = 'device.created' AND at < now() - interval '90 days'",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(old_device_events, 0);
+    let device_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'device.created'").fetch_one(&pg).await.unwrap();
+    assert_eq!(device_events, 1, "the recent device's creation is kept");
+}

@@ -266,14 +266,25 @@ pub struct SchedulerConfig {
     /// `queue_wait_exceeded`, unless it sets its own `max_queue_wait_s` (seconds).
     #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_WAIT_S", default_value_t = 86_400)]
     pub max_queue_wait_s: u64,
+    /// Ended runs are kept this many days, with their steps, captures and events (and
+    /// events about devices, hosts and schedules as long); 0 keeps everything.
+    #[arg(long, env = "SWITCHBOARD_RETENTION_DAYS", default_value_t = 90)]
+    pub retention_days: u32,
+    /// How often the scheduler prunes what is past retention (seconds).
+    #[arg(long, env = "SWITCHBOARD_RETENTION_INTERVAL_S", default_value_t = 300)]
+    pub retention_interval_s: u64,
 }
 
 impl SchedulerConfig {
     /// One line for the start-up log.
     pub fn summary(&self) -> String {
         format!(
-            "reconcile_interval_s={} redispatch_after_s={} misfire_grace_ms={} max_queue_wait_s={}",
-            self.reconcile_interval_s, self.redispatch_after_s, self.misfire_grace_ms, self.max_queue_wait_s
+            "reconcile_interval_s={} redispatch_after_s={} misfire_grace_ms={} max_queue_wait_s={} retention_days={}",
+            self.reconcile_interval_s,
+            self.redispatch_after_s,
+            self.misfire_grace_ms,
+            self.max_queue_wait_s,
+            self.retention_days
         )
     }
 }

@@ -62,6 +62,8 @@ pub const QUEUE_OLDEST_AGE: &str = "switchboard_queue_oldest_age_seconds";
 pub const RUNS_OPEN: &str = "switchboard_runs_open";
 /// Devices by status.
 pub const DEVICES: &str = "switchboard_devices";
+/// History deleted by retention, by what (`runs`, `steps`, `events`).
+pub const HISTORY_PRUNED: &str = "switchboard_history_pruned_total";
 /// Each device's breaker: 0 closed, 1 half-open, 2 open.
 pub const BREAKER_STATE: &str = "switchboard_device_breaker_state";
 
@@ -87,6 +89,7 @@ pub const NAMES: &[&str] = &[
     RUNS_OPEN,
     DEVICES,
     BREAKER_STATE,
+    HISTORY_PRUNED,
 ];
 
 /// Buckets (seconds) for run durations: a sleep of milliseconds to a soak of an hour.
@@ -215,6 +218,15 @@ pub fn http_request(method: &str, route: &str, status: u16, took: Duration) {
     counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     histogram!(HTTP_DURATION, "method" => method, "route" => route).record(took.as_secs_f64());
+}
+
+/// Retention deleted `p`.
+pub fn history_pruned(p: crate::repo::retention::Pruned) {
+    for (what, n) in [("runs", p.runs), ("steps", p.steps), ("events", p.events)] {
+        if n > 0 {
+            counter!(HISTORY_PRUNED, "what" => what).increment(n as u64);
+        }
+    }
 }
 
 /// This process serves `n` WebSocket clients.

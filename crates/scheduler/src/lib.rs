@@ -34,6 +34,7 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
         tick_loop(&engine, Duration::from_millis(cfg.misfire_grace_ms), changed.clone(), shutdown.clone()),
         listen_for_changes(pool.clone(), changed, shutdown.clone()),
         reconcile_loop(&engine, &me, &cfg, shutdown.clone()),
+        retention_loop(&engine, &cfg, shutdown.clone()),
     );
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("scheduler stopped");
@@ -136,6 +137,31 @@ async fn reconcile_loop(engine: &Engine, me: &str, cfg: &SchedulerConfig, shutdo
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Prunes the history past `SWITCHBOARD_RETENTION_DAYS` every
+/// `SWITCHBOARD_RETENTION_INTERVAL_S` (never, with 0 days), as a span of its own.
+async fn retention_loop(engine: &Engine, cfg: &SchedulerConfig, shutdown: CancellationToken) {
+    if cfg.retention_days == 0 {
+        return;
+    }
+    let keep = Duration::from_secs(u64::from(cfg.retention_days) * 86_400);
+    let interval = Duration::from_secs(cfg.retention_interval_s.max(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let span = tracing::info_span!("scheduler.retention", trace_id = tracing::field::Empty);
+        telemetry::record_trace_id(&span);
+        match engine.prune_history(keep, 100).instrument(span).await {
+            Ok(p) if p.runs + p.events > 0 => {
+                tracing::info!(runs = p.runs, steps = p.steps, events = p.events, "pruned history past retention")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; retrying next interval"),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod presence;
 pub mod processes;
 pub mod reports;
+pub mod retention;
 pub mod runs;
 pub mod schedules;
 pub mod search;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::{
     CoreResult, meters,
-    repo::{campaign_runs, processes, runs},
+    repo::{campaign_runs, processes, retention, runs},
     service::Engine,
 };
 
@@ -74,5 +74,37 @@ impl Engine {
         }
         let pruned = processes::prune(&self.pool).await?;
         Ok(Reconciled { recovered, overdue: overdue.len(), pushed: push.len(), pruned })
+    }
+}
+
+/// Runs per retention batch: each is one short statement.
+const PRUNE_BATCH: i64 = 500;
+
+impl Engine {
+    /// Prunes what ended more than `keep` ago (`repo::retention`), batch by batch,
+    /// until a batch comes back short or `max_batches` ran (the next pass goes on).
+    /// Batches pause a moment between them, so pruning a long backlog shares
+    /// Postgres with the queue instead of taking it.
+    pub async fn prune_history(&self, keep: Duration, max_batches: usize) -> CoreResult<retention::Pruned> {
+        let mut total = retention::Pruned::default();
+        for _ in 0..max_batches {
+            let p = retention::prune_runs(&self.pool, keep, PRUNE_BATCH).await?;
+            total += p;
+            meters::history_pruned(p);
+            if p.runs < PRUNE_BATCH {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for _ in 0..max_batches {
+            let n = retention::prune_events(&self.pool, keep, PRUNE_BATCH * 10).await?;
+            total.events += n;
+            meters::history_pruned(retention::Pruned { events: n, ..Default::default() });
+            if n < PRUNE_BATCH * 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(total)
     }
 }
