@@ -7,6 +7,7 @@ mod dashboard;
 mod durability;
 mod feed;
 mod foundation;
+mod grafana;
 mod harness;
 mod hosts;
 mod limits;
