@@ -33,8 +33,9 @@ WHERE e.type LIKE 'schedule.%';
 -- Flaky failed verdicts (docs/dashboard.md) of the steps of runs that ended in
 -- [since, until): a failed step is flaky when a retry of its run (following
 -- `retry_of`, retries of retries included) passed the same step, or when the same
--- module with the same effective params passed on the same device in that window.
--- The one definition: the dashboard API and Grafana both read it.
+-- module with the same effective params passed on the same device in that window
+-- (the ten most recent such passes are listed). The one definition: the dashboard API
+-- and Grafana both read it.
 CREATE FUNCTION flaky_failures(since timestamptz, until timestamptz, in_pool text DEFAULT NULL,
                                in_label text DEFAULT NULL, in_schedule uuid DEFAULT NULL,
                                in_kind run_kind DEFAULT NULL)
@@ -53,15 +54,25 @@ LANGUAGE sql STABLE AS $$
         SELECT r.retry_of, r.id FROM runs r WHERE r.retry_of IN (SELECT f.run_id FROM failed f)
         UNION
         SELECT c.root, r.id FROM chain c JOIN runs r ON r.retry_of = c.id),
+      -- The passes that can make a failure flaky, grouped once: a failure finds its
+      -- group by a hash join, never by scanning every step of the window again.
+      passed AS MATERIALIZED (
+        SELECT p.module, p.params, p.device_id,
+               (array_agg(p.run_id ORDER BY p.run_finished_at DESC, p.run_id))[1:11] AS runs
+        FROM steps p WHERE p.step_status = 'passed' AND p.device_id IS NOT NULL
+        GROUP BY p.module, p.params, p.device_id),
       judged AS (
         SELECT f.*,
           array(SELECT c.id FROM chain c JOIN run_steps s ON s.run_id = c.id
                 WHERE c.root = f.run_id AND s.idx = f.idx AND s.status = 'passed' ORDER BY c.id) AS on_retry,
-          array(SELECT p.run_id FROM steps p
-                WHERE p.step_status = 'passed' AND p.module = f.module AND p.params = f.params
-                  AND p.device_id = f.device_id AND p.run_id <> f.run_id ORDER BY p.run_id) AS on_device
-        FROM failed f)
+          COALESCE((array(SELECT x FROM unnest(g.runs) x WHERE x <> f.run_id))[1:10], '{}') AS on_device
+        FROM failed f LEFT JOIN passed g
+          ON g.module = f.module AND g.params = f.params AND g.device_id = f.device_id)
     SELECT j.run_id, j.idx, j.module, j.params, j.device_id, j.device_serial, j.run_finished_at, j.on_retry, j.on_device
     FROM judged j WHERE cardinality(j.on_retry) > 0 OR cardinality(j.on_device) > 0
     ORDER BY j.run_finished_at DESC, j.run_id, j.idx
 $$;
+
+-- The dashboard's per-device retry count reads a device's requeues in a window: an
+-- index on just those events, instead of every event of the device.
+CREATE INDEX events_requeued_device_idx ON events (device_id, at) WHERE type = 'run.requeued';

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_feed;
+mod bench_history;
 mod run_cmd;
 mod watch;
 
@@ -60,6 +61,8 @@ enum Command {
     /// Measure a deployment (its own, started and removed) against raw Postgres, Redis
     /// and HTTP round trips taken in the same run.
     Bench {
+        #[command(subcommand)]
+        mode: Option<BenchMode>,
         #[command(flatten)]
         bench: bench::BenchConfig,
     },
@@ -84,6 +87,17 @@ enum Command {
         worker: WorkerConfig,
         #[command(flatten)]
         scheduler: SchedulerConfig,
+    },
+}
+
+/// What `switchboard bench` measures besides the deployment's throughput.
+#[derive(Subcommand)]
+enum BenchMode {
+    /// Seed a database of its own with synthetic run history and time every dashboard,
+    /// search and filtered-list query against it.
+    History {
+        #[command(flatten)]
+        history: bench_history::HistoryConfig,
     },
 }
 
@@ -122,9 +136,13 @@ async fn main() -> anyhow::Result<()> {
             let done = migrate(&common).await.map(|_| println!("migrations applied"));
             finish(t, done).await
         }
-        Command::Bench { bench } => {
+        Command::Bench { mode, bench } => {
             let t = telemetry::init("text", "bench");
-            finish(t, bench::run(bench).await).await
+            let done = match mode {
+                Some(BenchMode::History { history }) => bench_history::run(history).await,
+                None => bench::run(bench).await,
+            };
+            finish(t, done).await
         }
         Command::Watch { watch } => watch::run(watch).await,
         Command::Run { run } => std::process::exit(run_cmd::run(run).await),
