@@ -88,8 +88,19 @@ pub struct Summary {
 /// The summary of the runs `f` covers.
 pub async fn summary(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Summary> {
     let r = sqlx::query!(
-        r#"WITH h AS MATERIALIZED (
-               SELECT status, duration_ms FROM v_run_history
+        // One pass over the window's runs (read from `runs_finished_idx` alone when
+        // no device filter needs the devices table), then the queue and the devices.
+        r#"WITH h AS (
+               SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                      count(*) FILTER (WHERE status = 'failed') AS failed,
+                      count(*) FILTER (WHERE status = 'errored') AS errored,
+                      count(*) FILTER (WHERE status = 'timed_out') AS timed_out,
+                      count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)
+                        FILTER (WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p50,
+                      percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)
+                        FILTER (WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p95
+               FROM v_run_history
                WHERE finished_at >= now() - make_interval(secs => $1)
                  AND ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels))
                  AND ($4::uuid IS NULL OR schedule_id = $4)
@@ -97,26 +108,18 @@ pub async fn summary(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Summary> {
              d AS MATERIALIZED (
                SELECT status, breaker_state FROM devices
                WHERE ($2::text IS NULL OR pool = $2) AND ($3::text IS NULL OR $3 = ANY (labels)))
-           SELECT
-             (SELECT count(*) FROM h WHERE status = 'succeeded') AS "succeeded!",
-             (SELECT count(*) FROM h WHERE status = 'failed') AS "failed!",
-             (SELECT count(*) FROM h WHERE status = 'errored') AS "errored!",
-             (SELECT count(*) FROM h WHERE status = 'timed_out') AS "timed_out!",
-             (SELECT count(*) FROM h WHERE status = 'cancelled') AS "cancelled!",
-             (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) FROM h
-              WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p50,
-             (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) FROM h
-              WHERE duration_ms IS NOT NULL AND status <> 'cancelled') AS p95,
-             q.depth AS "depth!", q.oldest_s,
-             (SELECT COALESCE(jsonb_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n FROM d GROUP BY status) x)
-               AS "devices!",
-             (SELECT count(*) FROM d WHERE breaker_state <> 'closed') AS "open_breakers!"
-           FROM (SELECT count(*) AS depth, extract(epoch FROM now() - min(waiting_since))::float8 AS oldest_s
-                 FROM runs
-                 WHERE status = 'queued' AND NOT held AND kind <> 'campaign'
-                   AND ($2::text IS NULL OR selector ->> 'pool' = $2)
-                   AND ($3::text IS NULL OR selector -> 'labels' ? $3)
-                   AND ($4::uuid IS NULL OR schedule_id = $4)) q"#,
+           SELECT h.succeeded AS "succeeded!", h.failed AS "failed!", h.errored AS "errored!",
+                  h.timed_out AS "timed_out!", h.cancelled AS "cancelled!", h.p50, h.p95,
+                  q.depth AS "depth!", q.oldest_s,
+                  (SELECT COALESCE(jsonb_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n FROM d GROUP BY status) x)
+                    AS "devices!",
+                  (SELECT count(*) FROM d WHERE breaker_state <> 'closed') AS "open_breakers!"
+           FROM h, (SELECT count(*) AS depth, extract(epoch FROM now() - min(waiting_since))::float8 AS oldest_s
+                    FROM runs
+                    WHERE status = 'queued' AND NOT held AND kind <> 'campaign'
+                      AND ($2::text IS NULL OR selector ->> 'pool' = $2)
+                      AND ($3::text IS NULL OR selector -> 'labels' ? $3)
+                      AND ($4::uuid IS NULL OR schedule_id = $4)) q"#,
         f.window.seconds(),
         f.pool,
         f.label,
