@@ -163,6 +163,12 @@ impl Deployment {
             for chunk in keys.chunks(500) {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
             }
+            let member = switchboard_core::queue::Keys::new(&self.namespace).queue_list_member();
+            let _: Result<(), _> = redis::cmd("ZREM")
+                .arg(switchboard_core::queue::APALIS_QUEUE_LIST)
+                .arg(member)
+                .query_async(&mut conn)
+                .await;
         }
     }
 }

@@ -45,6 +45,11 @@ pub fn connection(redis_url: &str) -> CoreResult<ConnectionManager> {
     Ok(ConnectionManager::new_lazy_with_config(client, config)?)
 }
 
+/// apalis' own list of every queue it has seen, outside any namespace: one member per
+/// deployment (`{namespace}:runs:workers`). A deployment removed for good (a test's,
+/// a bench's) takes its member out with `Keys::queue_list_member`.
+pub const APALIS_QUEUE_LIST: &str = "core:apalis:queues:list";
+
 /// Names of everything this deployment keeps in Redis.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -72,6 +77,10 @@ impl Keys {
     /// Pub/sub channel that wakes the api's feed readers after events commit.
     pub fn feed_channel(&self) -> String {
         format!("{}:feed", self.namespace)
+    }
+    /// This deployment's member of `APALIS_QUEUE_LIST`.
+    pub fn queue_list_member(&self) -> String {
+        format!("{}:workers", self.runs_queue())
     }
     /// Pattern matching every key of this namespace.
     pub fn pattern(&self) -> String {
