@@ -56,7 +56,7 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
         }
     };
     let path = req.uri().path().to_string();
-    let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let span = request_span(&req, &request_id, &route);
     let rid = request_id.clone();
     let resp = REQUEST_ID
         .scope(rid.clone(), async move {
@@ -65,14 +65,6 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
             // never cancelled halfway (a `begin()` cancelled mid-way leaves a pooled
             // connection inside a transaction: see `switchboard_core::db::Detached`).
             // Every request gets the timeout, whatever its headers say.
-            // Every line logged while handling it carries the request id (its span's
-            // fields: `span.request_id` in JSON logs). The path, never the query: a
-            // WebSocket's `?token=` stays out of the log.
-            // A client's W3C `traceparent` makes the request part of the client's trace.
-            let span = tracing::info_span!("request", request_id = %rid, method = %method, path = %path,
-                otel.name = format!("{method} {route}"), otel.kind = "server", http.route = %route,
-                http.response.status_code = tracing::field::Empty, trace_id = tracing::field::Empty);
-            telemetry::adopt(&span, parent.as_deref());
             let record = span.clone();
             let mut handler = tokio::spawn(REQUEST_ID.scope(rid.clone(), next.run(req)).instrument(span));
             let resp = match tokio::time::timeout(timeout, &mut handler).await {
@@ -94,6 +86,19 @@ pub async fn request_context(State(state): State<AppState>, req: Request, next: 
         })
         .await;
     finish(resp, &request_id).await
+}
+
+/// The request's span. Every line logged while handling it carries the request id
+/// (its fields: `span.request_id` in JSON logs) and its trace id. The path, never the
+/// query: a WebSocket's `?token=` stays out of the log. A client's W3C `traceparent`
+/// makes the request part of the client's trace.
+fn request_span(req: &Request, request_id: &str, route: &str) -> tracing::Span {
+    let (method, path) = (req.method(), req.uri().path());
+    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path,
+        otel.name = format!("{method} {route}"), otel.kind = "server", http.route = %route,
+        http.response.status_code = tracing::field::Empty, trace_id = tracing::field::Empty);
+    telemetry::adopt(&span, req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
+    span
 }
 
 /// Every answer leaves as an envelope (when an error) carrying the request id.

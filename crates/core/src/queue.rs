@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use apalis::prelude::TaskSink;
 use apalis_redis::{Config, RedisStorage};
+use futures::StreamExt;
 use redis::{
     AsyncCommands, Client,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::{CoreError, CoreResult, ids::RunId};
 
@@ -333,6 +335,59 @@ impl Queue {
         let (active, scheduled): (u64, u64) =
             redis::pipe().llen(cfg.active_jobs_list()).zcard(cfg.scheduled_jobs_set()).query_async(&mut conn).await?;
         Ok(active + scheduled)
+    }
+}
+
+/// What a pub/sub follower hears (`follow`).
+#[derive(Debug)]
+pub enum Heard {
+    /// Subscribed (again): whatever was published while away was missed.
+    Subscribed,
+    /// A message on `channel`.
+    Message {
+        /// Its channel.
+        channel: String,
+        /// Its payload.
+        payload: String,
+    },
+    /// The subscription was lost; resubscribing with backoff.
+    Lost,
+}
+
+/// Follows `channels` until `stop`, resubscribing with capped exponential backoff
+/// (100 ms to 5 s) whenever the connection fails, and tells `on` what it hears. Every
+/// wake-up of ours (workers', the feed's) is best effort on top of this: a message
+/// lost while away costs a fallback poll, and `Subscribed` lets the caller look at once.
+pub async fn follow(redis_url: &str, channels: &[&str], stop: &CancellationToken, mut on: impl FnMut(Heard)) {
+    let mut delay = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match subscribe(redis_url, channels).await {
+            Ok(mut pubsub) => {
+                delay = Duration::from_millis(100);
+                on(Heard::Subscribed);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        msg = messages.next() => match msg {
+                            Some(msg) => on(Heard::Message {
+                                channel: msg.get_channel_name().to_string(),
+                                payload: msg.get_payload::<String>().unwrap_or_default(),
+                            }),
+                            None => break,
+                        },
+                    }
+                }
+                on(Heard::Lost);
+                tracing::warn!(channels = ?channels, "pub/sub subscription lost; resubscribing");
+            }
+            Err(e) => tracing::warn!(channels = ?channels, error = %e, "cannot subscribe; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

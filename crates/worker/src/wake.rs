@@ -3,13 +3,13 @@
 //! this subscriber turns each message into an immediate poll of every local apalis
 //! worker. The fallback poll interval covers lost messages and Redis outages.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::sync::{Arc, Mutex};
 
-use futures::{StreamExt, channel::mpsc};
-use switchboard_core::ids::RunId;
+use futures::channel::mpsc;
+use switchboard_core::{
+    ids::RunId,
+    queue::{Heard, follow},
+};
 use tokio_util::sync::CancellationToken;
 
 /// Called with the run id of each `cancel:<run id>` control message.
@@ -60,38 +60,13 @@ impl WakeHub {
 
     /// Listens on the wake and control channels until `stop`, reconnecting with backoff.
     pub async fn listen(self, redis_url: String, channel: String, control: String, stop: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match switchboard_core::queue::subscribe(&redis_url, &[&channel, &control]).await {
-                Ok(mut pubsub) => {
-                    delay = Duration::from_millis(100);
-                    // Whatever was pushed while we were away is fetched now.
-                    self.wake_all();
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            msg = messages.next() => match msg {
-                                Some(msg) if msg.get_channel_name() == control => {
-                                    self.control(&msg.get_payload::<String>().unwrap_or_default());
-                                }
-                                Some(_) => self.wake_all(),
-                                None => break,
-                            },
-                        }
-                    }
-                    tracing::warn!("wake-up subscription lost; reconnecting");
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wake-ups; retrying"),
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        follow(&redis_url, &[&channel, &control], &stop, |heard| match heard {
+            // Whatever was pushed while we were away is fetched now.
+            Heard::Subscribed => self.wake_all(),
+            Heard::Message { channel, payload } if channel == control => self.control(&payload),
+            Heard::Message { .. } => self.wake_all(),
+            Heard::Lost => {}
+        })
+        .await;
     }
 }

@@ -13,12 +13,13 @@ use axum::{
     },
     response::{IntoResponse, Response},
 };
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde::Serialize;
 use std::sync::{Arc, atomic::Ordering};
 use switchboard_core::{
     events::Event,
     ids::EventId,
+    queue::Heard,
     repo::feed::{self, Filter, Position, Topic},
 };
 
@@ -308,33 +309,12 @@ async fn listen(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let channels: Vec<&str> = wake.channels.iter().map(String::as_str).collect();
-    let mut delay = Duration::from_millis(100);
-    while !stop.is_cancelled() {
-        match switchboard_core::queue::subscribe(&wake.redis_url, &channels).await {
-            Ok(mut pubsub) => {
-                delay = Duration::from_millis(100);
-                listening.store(true, Ordering::Relaxed);
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        msg = messages.next() => match msg {
-                            Some(_) => woken.notify_one(),
-                            None => break,
-                        },
-                    }
-                }
-                listening.store(false, Ordering::Relaxed);
-                tracing::debug!("feed wake-up subscription lost; reconnecting");
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot subscribe to feed wake-ups; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    switchboard_core::queue::follow(&wake.redis_url, &channels, &stop, |heard| match heard {
+        Heard::Subscribed => listening.store(true, Ordering::Relaxed),
+        Heard::Message { .. } => woken.notify_one(),
+        Heard::Lost => listening.store(false, Ordering::Relaxed),
+    })
+    .await;
 }
 
 /// One of the process's WebSocket client places; given back when dropped.

@@ -40,6 +40,19 @@ pub struct RunCounts {
     pub cancelled: i64,
 }
 
+/// The counts of a query row with a column per ended status.
+macro_rules! run_counts {
+    ($r:expr) => {
+        RunCounts {
+            succeeded: $r.succeeded,
+            failed: $r.failed,
+            errored: $r.errored,
+            timed_out: $r.timed_out,
+            cancelled: $r.cancelled,
+        }
+    };
+}
+
 impl RunCounts {
     /// succeeded ÷ (succeeded + failed + errored + timed_out); `None` with none of them.
     pub fn success_rate(&self) -> Option<f64> {
@@ -128,13 +141,7 @@ pub async fn summary(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Summary> {
     )
     .fetch_one(pool)
     .await?;
-    let runs = RunCounts {
-        succeeded: r.succeeded,
-        failed: r.failed,
-        errored: r.errored,
-        timed_out: r.timed_out,
-        cancelled: r.cancelled,
-    };
+    let runs = run_counts!(r);
     let devices = serde_json::from_value(r.devices)
         .map_err(|e| CoreError::Unreadable(format!("device counts from Postgres: {e}")))?;
     Ok(Summary {
@@ -211,13 +218,7 @@ pub async fn devices(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Vec<DeviceF
     Ok(rows
         .into_iter()
         .map(|r| {
-            let runs = RunCounts {
-                succeeded: r.succeeded,
-                failed: r.failed,
-                errored: r.errored,
-                timed_out: r.timed_out,
-                cancelled: r.cancelled,
-            };
+            let runs = run_counts!(r);
             DeviceFigures {
                 device_id: r.id,
                 serial: r.serial,
