@@ -207,6 +207,20 @@ async fn call_states(cx: &Cx<'_>) -> Result<Vec<i64>, DriverError> {
 pub(super) async fn voice_call(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
     let (to, duration) = (cx.str("to")?, Duration::from_secs(cx.u64("duration_s")?));
     let mut hang_up = HangUp { adb: cx.adb.clone(), serial: cx.serial.to_string(), armed: true };
+    let result = dial_and_converse(cx, to, duration).await;
+    if result.is_err() {
+        // Stopped mid-call (cancelled, the agent stopping) or the phone misbehaved:
+        // hang up now, before answering, so nothing is left for a runtime that may be
+        // about to end. That includes a dial that was itself interrupted: `am start`
+        // may have placed the call before its adb call was killed.
+        hang_up.now().await;
+    }
+    hang_up.armed = false;
+    result
+}
+
+/// Dials, then holds the call (see [`converse`]); a dialer that refuses is a failed verdict.
+async fn dial_and_converse(cx: &Cx<'_>, to: &str, duration: Duration) -> Result<Verdict, DriverError> {
     let started = Instant::now();
     let dial = Line::new("am").args(["start", "-a", "android.intent.action.CALL", "-d", &format!("tel:{to}")]);
     let out = cx.sh(dial).await?;
@@ -216,20 +230,7 @@ pub(super) async fn voice_call(cx: &Cx<'_>) -> Result<Verdict, DriverError> {
         let r = json!({"to": to, "connected": false, "setup_ms": null, "duration_s": 0, "dropped": false});
         return Ok(fail(r, &format!("the dialer did not start the call: {first}")));
     }
-    match converse(cx, to, duration, started).await {
-        Ok(verdict) => {
-            hang_up.armed = false;
-            Ok(verdict)
-        }
-        Err(e) => {
-            // Stopped mid-call (cancelled, the agent stopping) or the phone misbehaved:
-            // hang up now, before answering, so nothing is left for a runtime that may
-            // be about to end. A call dropped outright is left to the guard.
-            hang_up.now().await;
-            hang_up.armed = false;
-            Err(e)
-        }
-    }
+    converse(cx, to, duration, started).await
 }
 
 /// From a dialled call to its end: set-up, hold, hang-up.
