@@ -63,6 +63,11 @@ pub struct BenchConfig {
     /// and three events) and time pruning them in the scheduler's batches (0 skips it).
     #[arg(long, default_value_t = 0)]
     pub prune_history: usize,
+    /// Also measure draining a backlog: for each of these sizes (comma-separated, e.g.
+    /// `1000,10000,100000`), the worker is stopped, that many runs are queued through
+    /// `POST /runs/batch`, and the worker is let go: runs/s and Postgres work per run.
+    #[arg(long, value_delimiter = ',')]
+    pub backlog: Vec<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +79,7 @@ struct Deployment {
     children: Vec<Child>,
     base: String,
     pool: PgPool,
+    url: String,
     admin_url: String,
     db: String,
     namespace: String,
@@ -134,6 +140,7 @@ impl Deployment {
             children: vec![api, worker, scheduler],
             base,
             pool,
+            url,
             admin_url: format!("{server}/postgres"),
             db,
             namespace,
@@ -231,6 +238,7 @@ pub(crate) async fn start_run(http: &reqwest::Client, base: &str) -> anyhow::Res
 pub(crate) async fn wait_idle(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
+        crate::bench_pg::OWN_STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let left = repo::stats::open_runs(pool).await?;
         if left == 0 {
             return Ok(());
@@ -312,7 +320,11 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         let ids: Vec<RunId> = lat_ids.iter().filter_map(|s| s.parse().ok()).collect();
         let e2s = repo::stats::start_latencies_ms(&dep.pool, &ids).await?;
 
+        // The same-run baseline: raw INSERT+UPDATE transactions, 8 sessions, 3 s.
+        let baseline_txn = crate::bench_pg::baseline_txn_per_s(&dep.url, 8, 3.0).await?;
+
         // Throughput: many clients submit `runs` zero-length runs.
+        let work = crate::bench_pg::PgWork::start(&dep.pool).await;
         let t0 = Instant::now();
         let per_client = cfg.runs / cfg.clients.max(1);
         let mut tasks = Vec::new();
@@ -333,7 +345,10 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         wait_idle(&dep.pool, Duration::from_secs(600)).await?;
         let total_s = t0.elapsed().as_secs_f64();
         let submitted = per_client * cfg.clients.max(1);
+        let pg_work = work.per_run(&dep.pool, submitted).await;
+        let batched = batch_throughput(cfg, dep, &http).await?;
         rounds.push(json!({
+            "baseline_txn_per_s": baseline_txn, "postgres_per_run": pg_work, "batch": batched,
             "pg_ms": stats(pg), "redis_ms": stats(rd), "http_health_ms": stats(health), "api_get_run_ms": stats(get_run),
             "api_post_run_ms": stats(post), "enqueue_to_start_ms": stats(e2s),
             "enqueue_per_s": submitted as f64 / submit_s, "end_to_end_runs_per_s": submitted as f64 / total_s,
@@ -350,6 +365,9 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     };
     let pick = |key: &str, i: usize| median(rounds.iter().map(|r| r[key][i].as_f64().unwrap_or(f64::NAN)).collect());
     let pick1 = |key: &str| median(rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect());
+    let pick2 =
+        |key: &str, sub: &str| median(rounds.iter().map(|r| r[key][sub].as_f64().unwrap_or(f64::NAN)).collect());
+    let backlog = drain_backlogs(cfg, dep, &http).await?;
     let e2s_p50 = pick("enqueue_to_start_ms", 0);
     let pg_p50 = pick("pg_ms", 0);
     Ok(json!({
@@ -361,7 +379,15 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         "enqueue_to_start_ms": {"p50": e2s_p50, "p99": pick("enqueue_to_start_ms", 1), "p50_in_postgres_round_trips": e2s_p50 / pg_p50},
         "api_ms": {"post_run": {"p50": pick("api_post_run_ms", 0), "p99": pick("api_post_run_ms", 1)},
                    "get_run": {"p50": pick("api_get_run_ms", 0), "p99": pick("api_get_run_ms", 1)}},
-        "throughput": {"enqueue_per_s": pick1("enqueue_per_s"), "end_to_end_runs_per_s": pick1("end_to_end_runs_per_s")},
+        "throughput": {"enqueue_per_s": pick1("enqueue_per_s"), "end_to_end_runs_per_s": pick1("end_to_end_runs_per_s"),
+                       "baseline_txn_per_s": pick1("baseline_txn_per_s"),
+                       "end_to_end_ratio_to_baseline": pick1("end_to_end_runs_per_s") / pick1("baseline_txn_per_s"),
+                       "batch_enqueue_per_s": pick2("batch", "enqueue_per_s"),
+                       "batch_end_to_end_runs_per_s": pick2("batch", "end_to_end_runs_per_s")},
+        "postgres_per_run": {"cpu_ms": pick2("postgres_per_run", "postgres_cpu_ms"),
+                             "statements": pick2("postgres_per_run", "statements"),
+                             "statements_without_begin_commit": pick2("postgres_per_run", "statements_without_begin_commit")},
+        "backlog": backlog,
         "memory_rss_mib": {"api": rss.first().copied().unwrap_or(0) as f64 / 1024.0, "worker": rss.get(1).copied().unwrap_or(0) as f64 / 1024.0,
                            "scheduler": rss.get(2).copied().unwrap_or(0) as f64 / 1024.0},
         "schedule_fire_lag_ms": fire_lag,
@@ -370,6 +396,62 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         "retention": prune,
         "rounds": rounds,
     }))
+}
+
+/// Submits `cfg.runs` runs through `POST /runs/batch` (500 per call, 4 clients at
+/// once) and waits for them to finish: the enqueue and end-to-end rates of bulk starts.
+async fn batch_throughput(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let calls = cfg.runs.div_ceil(500);
+    let mut submitted = 0;
+    for wave in (0..calls).collect::<Vec<_>>().chunks(4) {
+        let sends = wave.iter().map(|i| submit_batch(http, &dep.base, (cfg.runs - i * 500).min(500)));
+        for n in futures::future::join_all(sends).await {
+            submitted += n?;
+        }
+    }
+    let submit_s = t0.elapsed().as_secs_f64();
+    wait_idle(&dep.pool, Duration::from_secs(600)).await?;
+    Ok(json!({"runs": submitted, "enqueue_per_s": submitted as f64 / submit_s,
+              "end_to_end_runs_per_s": submitted as f64 / t0.elapsed().as_secs_f64()}))
+}
+
+/// One `POST /runs/batch` of `n` zero-length runs; the runs it queued.
+async fn submit_batch(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<usize> {
+    let runs: Vec<Value> =
+        (0..n).map(|_| json!({"module": "sleep", "params": {"ms": 0}, "device": {"pool": "bench"}})).collect();
+    let resp =
+        http.post(format!("{base}/api/v1/runs/batch")).bearer_auth(TOKEN).json(&json!({"runs": runs})).send().await?;
+    if resp.status().as_u16() != 202 {
+        bail!("a batch start answered {}", resp.status());
+    }
+    Ok(n)
+}
+
+/// For each `--backlog` size: the worker stopped (SIGSTOP), that many runs queued, the
+/// worker let go (SIGCONT), and the drain timed, with Postgres' work per run.
+async fn drain_backlogs(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -> anyhow::Result<Value> {
+    let worker = dep.children[1].id().to_string();
+    let mut out = Vec::new();
+    for &n in &cfg.backlog {
+        eprintln!("backlog of {n} runs ...");
+        std::process::Command::new("kill").args(["-STOP", &worker]).status()?;
+        let queued = async {
+            for chunk in (0..n).step_by(1000) {
+                submit_batch(http, &dep.base, (n - chunk).min(1000)).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        std::process::Command::new("kill").args(["-CONT", &worker]).status()?;
+        queued?;
+        let work = crate::bench_pg::PgWork::start(&dep.pool).await;
+        let t0 = Instant::now();
+        wait_idle(&dep.pool, Duration::from_secs(3600)).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        out.push(json!({"queued": n, "drain_runs_per_s": n as f64 / secs, "postgres_per_run": work.per_run(&dep.pool, n).await}));
+    }
+    Ok(Value::Array(out))
 }
 
 /// `/metrics` scrape time and the gauge refresh query's time (medians of 30) with the
@@ -543,6 +625,31 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
         f(&r["throughput"]["end_to_end_runs_per_s"]),
         cfg.runs
     );
+    println!(
+        "  baseline  INSERT+UPDATE txn   {} txn/s (8 sessions); end to end = {} of it",
+        f(&r["throughput"]["baseline_txn_per_s"]),
+        f(&r["throughput"]["end_to_end_ratio_to_baseline"])
+    );
+    println!(
+        "  postgres per run              {} ms CPU, {} statements ({} without BEGIN/COMMIT)",
+        f(&r["postgres_per_run"]["cpu_ms"]),
+        f(&r["postgres_per_run"]["statements"]),
+        f(&r["postgres_per_run"]["statements_without_begin_commit"])
+    );
+    println!(
+        "  batch enqueue (POST /runs/batch, 500 a call)  {} runs/s; end to end {} runs/s",
+        f(&r["throughput"]["batch_enqueue_per_s"]),
+        f(&r["throughput"]["batch_end_to_end_runs_per_s"])
+    );
+    for b in r["backlog"].as_array().into_iter().flatten() {
+        println!(
+            "  backlog {:>7} queued          drained at {} runs/s; postgres per run {} ms CPU, {} statements",
+            b["queued"],
+            f(&b["drain_runs_per_s"]),
+            f(&b["postgres_per_run"]["postgres_cpu_ms"]),
+            f(&b["postgres_per_run"]["statements"])
+        );
+    }
     println!(
         "  memory (RSS)                  api {} MiB, worker {} MiB, scheduler {} MiB",
         f(&r["memory_rss_mib"]["api"]),

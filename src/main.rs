@@ -3,6 +3,7 @@
 mod bench;
 mod bench_feed;
 mod bench_history;
+mod bench_pg;
 mod run_cmd;
 mod watch;
 

@@ -17,3 +17,4 @@ mod otlp;
 mod phones;
 mod reports;
 mod scheduling;
+mod throughput;

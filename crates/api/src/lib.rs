@@ -169,7 +169,11 @@ pub async fn serve(
     let pool = db::connect_lazy(&common.database_url, common.db_max_connections)?;
     let queue = Queue::new(&common.redis_url, &common.namespace)?;
     let addr = listener.local_addr()?;
-    let mut state = AppState::new(Engine::new(pool.clone(), queue), cfg);
+    let mut engine = Engine::new(pool.clone(), queue);
+    if cfg.group_commit {
+        engine = engine.with_group_commit(std::time::Duration::from_micros(cfg.group_commit_window_us));
+    }
+    let mut state = AppState::new(engine, cfg);
     state.stop = shutdown.clone();
     state.metrics_token = common.metrics_token.as_deref().map(Into::into);
     let refresh = std::time::Duration::from_secs(state.config.metrics_refresh_s.max(1));
@@ -264,6 +268,8 @@ mod tests {
             ws_ping_s: 30,
             ws_send_timeout_s: 10,
             ws_max_clients: 10,
+            group_commit: false,
+            group_commit_window_us: 0,
         };
         // Lazy: nothing connects, and nothing here needs to.
         let pool = db::connect_lazy("postgres://nobody@127.0.0.1:1/none", 2).unwrap();

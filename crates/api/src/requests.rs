@@ -24,7 +24,7 @@ use switchboard_core::{
         workflows::{MAX_STEPS, WorkflowInput, check_step},
     },
     selector::Selector,
-    service::{NewSchedule, SchedulePatch, StartCampaign, StartModule, StartWorkflow},
+    service::{MAX_BATCH, NewSchedule, SchedulePatch, StartCampaign, StartItem, StartModule, StartWorkflow},
     validation::{self, Problems},
 };
 use utoipa::ToSchema;
@@ -168,6 +168,140 @@ impl TryFrom<Start<WorkflowId, WorkflowRunBody>> for StartWorkflow {
         p.finish()?;
         let Some(device) = device else { return Err(unchecked("a workflow run")) };
         Ok(StartWorkflow { workflow, params, device, options })
+    }
+}
+
+/// `POST /runs/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"runs": [
+    {"module": "ping", "params": {"host": "8.8.8.8"}, "device": {"pool": "sim"}, "idempotency_key": "ci-4711-ping"},
+    {"workflow_id": "5f0c1f2e-8d4b-4a57-9d7e-3b1f0e6a9c21", "device": {"serial": "R58M123"}, "priority": 7}]}))]
+pub struct RunBatchBody {
+    /// The runs, 1 to 1000: every one is started, or none is
+    #[serde(default)]
+    #[schema(value_type = Vec<RunBatchItem>, min_items = 1, max_items = 1000)]
+    runs: Field<Vec<Value>>,
+    #[schema(ignore)]
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// One run of a batch: a module run (`module`) or a workflow run (`workflow_id`),
+/// with the fields its own start takes, and its own `idempotency_key`. (The document's
+/// view of an item; items are read field by field, so every bad one is named.)
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct RunBatchItem {
+    /// The module to run (one of `module`, `workflow_id`)
+    module: Option<String>,
+    /// The workflow to run, at its current version (one of `module`, `workflow_id`)
+    workflow_id: Option<WorkflowId>,
+    /// Replays this item's first run when the batch is sent again (per token, like the
+    /// `Idempotency-Key` header: 1 to 200 characters, kept 24 h)
+    idempotency_key: Option<String>,
+    /// The module's parameters, or defaults for the workflow's steps
+    #[schema(value_type = Object)]
+    params: Option<Value>,
+    /// Which device: {"id"}, {"serial"} or {"pool", "labels"?}
+    device: Selector,
+    /// 0 to 9, higher first (default 5)
+    #[schema(minimum = 0, maximum = 9)]
+    priority: Option<i64>,
+    /// Its time budget (seconds), instead of the module's or workflow's
+    #[schema(minimum = 1, maximum = 86400)]
+    timeout_s: Option<i64>,
+    /// Its attempts, instead of the module's or workflow's
+    #[schema(minimum = 1, maximum = 20)]
+    max_attempts: Option<i64>,
+    /// Its queue-wait limit (seconds)
+    #[schema(minimum = 1, maximum = 2592000)]
+    max_queue_wait_s: Option<i64>,
+}
+
+/// A batch as sent by a caller: the body, and whose keys its items carry.
+#[derive(Debug)]
+pub struct Batch {
+    /// The request body.
+    pub body: RunBatchBody,
+    /// The caller's idempotency scope (its token).
+    pub scope: String,
+    /// How long an item's key is kept (seconds).
+    pub ttl_s: u32,
+}
+
+impl TryFrom<Batch> for Vec<StartItem> {
+    type Error = CoreError;
+    fn try_from(Batch { body, scope, ttl_s }: Batch) -> CoreResult<Vec<StartItem>> {
+        let mut p = Problems::new();
+        body.unknown.check(&["runs"], &mut p);
+        let runs = body.runs.required("runs", &mut p, "a list of 1 to 1000 runs").unwrap_or_default();
+        if !p.has("runs") && !(1..=MAX_BATCH).contains(&runs.len()) {
+            p.add("runs", format!("must hold 1 to {MAX_BATCH} runs (got {})", runs.len()));
+        }
+        let runs = if p.has("runs") { Vec::new() } else { runs };
+        let mut items = Vec::with_capacity(runs.len());
+        for (i, run) in runs.into_iter().enumerate() {
+            match batch_item(run, &scope, ttl_s) {
+                Ok(item) => items.push(item),
+                Err(fields) => p.extend(fields.into_iter().map(|(f, why)| (item_field(i, &f), why)).collect()),
+            }
+        }
+        p.finish()?;
+        Ok(items)
+    }
+}
+
+/// `runs[i].field`, or `runs[i]` for the item itself.
+fn item_field(i: usize, field: &str) -> String {
+    if field.is_empty() { format!("runs[{i}]") } else { format!("runs[{i}].{field}") }
+}
+
+/// One item of a batch, read as its own start's body would be.
+fn batch_item(run: Value, scope: &str, ttl_s: u32) -> Result<StartItem, FieldErrors> {
+    let one = |f: &str, why: &str| FieldErrors::from([(f.to_string(), why.to_string())]);
+    let Value::Object(mut fields) = run else { return Err(one("", "must be an object")) };
+    let idempotency = match fields.remove("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if !k.trim().is_empty() && k.len() <= 200 => Some(Idempotency {
+            scope: scope.to_string(),
+            key: k.trim().to_string(),
+            // What the item asks for, its key included, in canonical form.
+            fingerprint: switchboard_core::repo::tokens::hash(&format!(
+                "runs/batch\n{}",
+                Value::Object(fields.clone())
+            )),
+            ttl_s: i64::from(ttl_s),
+        }),
+        Some(_) => return Err(one("idempotency_key", "must be 1 to 200 visible ASCII characters")),
+    };
+    let (module, workflow) = (fields.remove("module"), fields.remove("workflow_id"));
+    let fit = |e: serde_json::Error| one("", &format!("does not fit: {e}"));
+    match (module, workflow) {
+        (Some(Value::String(m)), None) => {
+            let module = catalog::find(&m).ok_or_else(|| one("module", &format!("unknown module {m:?}")))?;
+            let body = serde_json::from_value::<ModuleRunBody>(Value::Object(fields)).map_err(fit)?;
+            StartModule::try_from(Start { of: module, body, idempotency }).map(StartItem::Module).map_err(fields_of)
+        }
+        (None, Some(Value::String(w))) => {
+            let workflow = w.parse::<WorkflowId>().map_err(|_| one("workflow_id", "must be a UUID"))?;
+            let body = serde_json::from_value::<WorkflowRunBody>(Value::Object(fields)).map_err(fit)?;
+            StartWorkflow::try_from(Start { of: workflow, body, idempotency })
+                .map(StartItem::Workflow)
+                .map_err(fields_of)
+        }
+        (Some(_), Some(_)) => Err(one("", "names both a module and a workflow_id: one run is one of them")),
+        (Some(_), None) => Err(one("module", "must be a module id (GET /modules)")),
+        (None, Some(_)) => Err(one("workflow_id", "must be a UUID")),
+        (None, None) => Err(one("", "must name a module or a workflow_id")),
+    }
+}
+
+/// The field errors of a start's validation (anything else is a bug: no start reads
+/// the database while it is parsed).
+fn fields_of(e: CoreError) -> FieldErrors {
+    match e {
+        CoreError::Validation { fields, .. } => fields,
+        other => FieldErrors::from([(String::new(), other.to_string())]),
     }
 }
 

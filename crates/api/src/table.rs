@@ -44,6 +44,7 @@ table! {
     "/modules/{id}" { get modules::get => Viewer }
     "/modules/{id}/runs" { post modules::start => Operator }
     "/runs" { get runs::list => Viewer }
+    "/runs/batch" { post runs::start_batch => Operator }
     "/runs/{id}" { get runs::get => Viewer }
     "/runs/{id}/events" { get runs::events => Viewer }
     "/runs/{id}/captures" { get runs::captures => Viewer }

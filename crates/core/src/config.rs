@@ -118,6 +118,16 @@ pub struct ApiConfig {
     /// read for `/metrics` (seconds): one query per interval, whatever the scrapers do.
     #[arg(long, env = "SWITCHBOARD_METRICS_REFRESH_S", default_value_t = 5)]
     pub metrics_refresh_s: u64,
+    /// Group commit of run starts: the `POST .../runs` that arrive together share one
+    /// INSERT and one commit (`false`: each start writes alone).
+    #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub group_commit: bool,
+    /// How long a start may wait for others to share its INSERT (microseconds, at most
+    /// 2000). 0: no waiting; the starts that arrive while an INSERT is being written go
+    /// together in the next one.
+    #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_WINDOW_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=2000))]
+    pub group_commit_window_us: u64,
 }
 
 impl ApiConfig {
@@ -125,13 +135,15 @@ impl ApiConfig {
     pub fn summary(&self) -> String {
         format!(
             "api_addr={} admin_token={} cors_origins={:?} request_timeout_s={} \
-             rate_limit={}/s burst {}",
+             rate_limit={}/s burst {} group_commit={} window_us={}",
             self.addr,
             if self.admin_token.is_some() { "<set>" } else { "<unset>" },
             self.cors_origins,
             self.request_timeout_s,
             self.rate_limit_per_s,
             self.rate_limit_burst,
+            self.group_commit,
+            self.group_commit_window_us,
         )
     }
 }

@@ -28,7 +28,7 @@ use crate::{
     AppState,
     error::{ApiError, ApiResult},
     extract::{QueryParams, body, idempotency, path_id},
-    requests::RetryBody,
+    requests::{Batch, RetryBody, RunBatchBody},
 };
 
 /// How long `cancel` waits for a running run to stop before answering.
@@ -62,6 +62,54 @@ pub async fn list(
         until: q.time("until")?,
     };
     Ok(Json(runs::list(&state.engine.pool, &filter, q.limit()?, q.cursor()?).await?))
+}
+
+/// One run of a batch, as started.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchStarted {
+    /// False when its `idempotency_key` returned the run it started before.
+    pub created: bool,
+    /// The run.
+    pub run: Run,
+}
+
+/// What `POST /runs/batch` answers: the runs, in the order of the items.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchResult {
+    /// One per item, in order.
+    pub runs: Vec<BatchStarted>,
+}
+
+/// `POST /runs/batch` `{runs: [...]}`: up to 1,000 module and workflow runs in one
+/// transaction, all or none.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/batch",
+    operation_id = "startRunBatch",
+    tag = "runs",
+    request_body(content = RunBatchBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Every run committed and queued (an item whose idempotency_key was used before with the same item returns that run, `created: false`)", body = BatchResult),
+        (status = 200, description = "Every item's idempotency_key had started its run before", body = BatchResult),
+        (status = 422, description = "An item is invalid (its fields named `runs[i].…`), or an idempotency_key came before with another item: nothing was started", body = ErrorBody)
+    )
+)]
+pub async fn start_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<BatchResult>)> {
+    let batch = Batch {
+        body: body::<RunBatchBody>(&headers, &bytes)?,
+        scope: caller.scope(),
+        ttl_s: state.config.idempotency_ttl_s,
+    };
+    let items = Vec::try_from(batch)?;
+    let started = state.engine.start_batch(&items).await?;
+    let status = if started.iter().any(|s| s.created) { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let runs = started.into_iter().map(|s| BatchStarted { created: s.created, run: s.run }).collect();
+    Ok((status, Json(BatchResult { runs })))
 }
 
 /// `GET /runs/{id}`: the run with its steps and, for a campaign run, its children's

@@ -7,16 +7,20 @@
 //! commits, pushes what is ready to the queue (`dispatch`): Postgres first, Redis
 //! second, so nothing accepted is ever only in Redis.
 
+mod batch;
 mod devices;
 mod hosts;
 mod reconcile;
 mod runs;
 mod schedules;
 
+pub use batch::{MAX_BATCH, StartItem};
 pub use hosts::HostReport;
 pub use reconcile::{ReconcileSettings, Reconciled};
 pub use runs::{StartCampaign, StartModule, StartWorkflow, Started};
 pub use schedules::{NewSchedule, SchedulePatch, Upcoming};
+
+use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 
@@ -29,12 +33,22 @@ pub struct Engine {
     pub pool: PgPool,
     /// The delivery channel.
     pub queue: Queue,
+    /// The API's group commit, if this process has one (see `with_group_commit`).
+    group: Option<Arc<batch::GroupCommit>>,
 }
 
 impl Engine {
     /// An engine over a pool and a queue.
     pub fn new(pool: PgPool, queue: Queue) -> Engine {
-        Engine { pool, queue }
+        Engine { pool, queue, group: None }
+    }
+
+    /// This engine, with its starts gathered into shared INSERTs: each start waits at
+    /// most `window` for others to join it (see `batch`). For the API, where starts
+    /// arrive concurrently; call inside a Tokio runtime.
+    pub fn with_group_commit(mut self, window: Duration) -> Engine {
+        self.group = Some(batch::GroupCommit::spawn(self.clone(), window));
+        self
     }
 
     /// Pushes runs to the queue, then records them dispatched: the one dispatch policy.

@@ -88,15 +88,6 @@ pub(crate) async fn campaign_children(conn: &mut PgConnection, c: &campaigns::Ca
 }
 
 impl Engine {
-    /// Inserts a run (Postgres first: guarantee 1), then dispatches it.
-    pub async fn start(&self, new: &NewRun) -> CoreResult<Started> {
-        let (run, created) = runs::insert(&self.pool, new).await?;
-        if created {
-            self.dispatch(&[run.id]).await;
-        }
-        Ok(Started { run, created })
-    }
-
     /// `POST /modules/{id}/runs`.
     pub async fn start_module(&self, cmd: &StartModule) -> CoreResult<Started> {
         check_matches(&mut *self.pool.acquire().await?, &cmd.device, "device").await?;
@@ -139,7 +130,10 @@ impl Engine {
     ) -> CoreResult<Started> {
         let Some((run, advance)) = campaign_runs::start(&mut tx, parent, children, options).await? else {
             tx.rollback().await?;
-            return Ok(Started { run: runs::replay(&self.pool, options.idempotency.as_ref()).await?, created: false });
+            return Ok(Started {
+                run: runs::replay(&mut *self.pool.acquire().await?, options.idempotency.as_ref()).await?,
+                created: false,
+            });
         };
         tx.commit().await?;
         self.dispatch_started(run.id, &advance.admit).await;

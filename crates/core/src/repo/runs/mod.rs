@@ -16,7 +16,7 @@ mod recovery;
 mod transitions;
 
 pub use control::{CancelOutcome, cancel, failed_children, set_paused};
-pub use creation::{NewRun, insert, insert_tx, mark_dispatched};
+pub use creation::{NewRun, insert_many, insert_tx, mark_dispatched};
 pub use leasing::{
     ClaimOutcome, Claimed, FinishPolicy, Finished, Outcome, Renewal, claim, claim_for_device, claim_with_recheck,
     finish, record_step, renew,
@@ -156,7 +156,7 @@ pub async fn find(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Run>>
 
 /// The run an idempotency key already started (its insert was refused), or 422 when
 /// the key came with another request.
-pub async fn replay(pool: &PgPool, idem: Option<&Idempotency>) -> CoreResult<Run> {
+pub async fn replay(conn: &mut PgConnection, idem: Option<&Idempotency>) -> CoreResult<Run> {
     let Some(i) = idem else {
         return Err(CoreError::Internal("a run insert was refused without an idempotency key".into()));
     };
@@ -166,7 +166,7 @@ pub async fn replay(pool: &PgPool, idem: Option<&Idempotency>) -> CoreResult<Run
         i.scope,
         i.key
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     if row.idempotency_fingerprint.as_deref() != Some(i.fingerprint.as_str()) {
         return Err(CoreError::IdempotencyKeyReused(format!(

@@ -1,0 +1,211 @@
+//! Starting runs in bulk: `POST /runs/batch` (all or none, a key per item) and the
+//! API's group commit (concurrent starts share an INSERT, each still answered only
+//! once its run has committed).
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+
+use crate::harness::{Api, Env};
+
+async fn count_runs(env: &Env) -> i64 {
+    let pg = env.pg().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&pg).await.unwrap();
+    pg.close().await;
+    n
+}
+
+async fn batch(api: &Api, runs: Value) -> (u16, Value) {
+    let r = api.post("/api/v1/runs/batch", json!({ "runs": runs })).await;
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_starts_every_run_or_none_and_replays_its_keys() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(&[]);
+    api.device("bulk-1", "bulk", json!({})).await;
+    let w = api.post("/api/v1/workflows", json!({"name": "two", "steps": [{"module": "sleep", "params": {"ms": 1}}, {"module": "sleep", "params": {"ms": 2}}]}))
+        .await;
+    assert_eq!(w.status, 201, "{:?}", w.body);
+    let workflow = w.body["id"].as_str().unwrap().to_string();
+    let items = json!([
+        {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "bulk"}, "idempotency_key": "ci-1-a"},
+        {"module": "sleep", "params": {"ms": 2}, "device": {"serial": "bulk-1"}, "priority": 8},
+        {"workflow_id": workflow, "device": {"pool": "bulk"}},
+    ]);
+    let (status, first) = batch(&api, items.clone()).await;
+    assert_eq!(status, 202, "{first}");
+    let runs = first["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    assert!(runs.iter().all(|r| r["created"] == true), "{first}");
+    assert_eq!(runs[0]["run"]["idempotency_key"], "ci-1-a");
+    assert_eq!(runs[1]["run"]["priority"], 8);
+    assert_eq!(
+        (runs[2]["run"]["kind"].as_str(), runs[2]["run"]["target"].as_str()),
+        (Some("workflow"), Some(&*workflow))
+    );
+    for r in runs {
+        let done = api.wait_terminal(r["run"]["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+
+    // Sent again: the keyed item is the run it started (created false); the others,
+    // without keys, are new runs.
+    let (status, again) = batch(&api, items.clone()).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["runs"][0]["created"], false);
+    assert_eq!(again["runs"][0]["run"]["id"], first["runs"][0]["run"]["id"]);
+    assert_eq!(again["runs"][1]["created"], true);
+    assert_ne!(again["runs"][1]["run"]["id"], first["runs"][1]["run"]["id"]);
+    let before = count_runs(&env).await;
+    assert_eq!(before, 5);
+
+    // Only keyed items, all replayed: 200.
+    let (status, replayed) = batch(&api, json!([items[0].clone()])).await;
+    assert_eq!((status, &replayed["runs"][0]["run"]["id"]), (200, &first["runs"][0]["run"]["id"]), "{replayed}");
+
+    // The key with another item refuses the whole batch: nothing starts.
+    let other = json!([
+        {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "bulk"}},
+        {"module": "sleep", "params": {"ms": 9}, "device": {"pool": "bulk"}, "idempotency_key": "ci-1-a"},
+    ]);
+    let (status, refused) = batch(&api, other).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["details"]["reason"], "idempotency_key_reused", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().starts_with("runs[1]"), "{refused}");
+    assert_eq!(count_runs(&env).await, before);
+
+    // Every bad item is named, and nothing starts.
+    let bad = json!([
+        {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "bulk"}},
+        {"module": "sleep", "params": {"ms": "soon"}, "device": {"pool": "bulk"}},
+        {"module": "teleport", "device": {"pool": "bulk"}},
+        {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "nowhere"}},
+        {"workflow_id": "00000000-0000-4000-8000-000000000000", "device": {"pool": "bulk"}},
+        {"module": "sleep", "workflow_id": workflow, "device": {"pool": "bulk"}},
+        {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "bulk"}, "colour": "red"},
+        "sleep",
+    ]);
+    let (status, refused) = batch(&api, bad).await;
+    assert_eq!(status, 422, "{refused}");
+    let fields = refused["error"]["details"]["fields"].as_object().unwrap().clone();
+    for f in ["runs[1].params.ms", "runs[2].module", "runs[5]", "runs[6].colour", "runs[7]"] {
+        assert!(fields.contains_key(f), "{f} not named: {refused}");
+    }
+    assert!(!fields.keys().any(|k| k.starts_with("runs[0]")), "{refused}");
+    assert_eq!(count_runs(&env).await, before);
+    // What only the database can tell is checked once the items parse.
+    let (status, refused) = batch(
+        &api,
+        json!([
+            {"module": "sleep", "params": {"ms": 1}, "device": {"pool": "nowhere"}},
+            {"workflow_id": "00000000-0000-4000-8000-000000000000", "device": {"pool": "bulk"}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    let fields = &refused["error"]["details"]["fields"];
+    assert!(fields["runs[0].device"].as_str().unwrap().contains("no registered device"), "{refused}");
+    assert!(fields["runs[1].workflow_id"].as_str().unwrap().contains("not found"), "{refused}");
+    assert_eq!(count_runs(&env).await, before);
+
+    // Empty, too many, or not a list.
+    for body in [json!({"runs": []}), json!({}), json!({"runs": "all"}), json!({"runs": [], "more": 1})] {
+        let r = api.post("/api/v1/runs/batch", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert!(r.body["error"]["details"]["fields"]["runs"].is_string(), "{body}: {:?}", r.body);
+    }
+    let many: Vec<Value> =
+        (0..1001).map(|_| json!({"module": "sleep", "params": {"ms": 1}, "device": {"pool": "bulk"}})).collect();
+    let (status, refused) = batch(&api, Value::Array(many)).await;
+    assert_eq!(status, 422, "{}", refused["error"]["message"]);
+    assert!(refused["error"]["message"].as_str().unwrap().contains("1 to 1000"), "{refused}");
+    assert_eq!(count_runs(&env).await, before);
+}
+
+/// A thousand runs in one call, all queued and run to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_of_1000_runs_all_finish() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "16")]);
+    for i in 0..8 {
+        api.device(&format!("thousand-{i}"), "thousand", json!({})).await;
+    }
+    let items: Vec<Value> = (0..1000)
+        .map(|i| json!({"module": "sleep", "params": {"ms": i % 3}, "device": {"pool": "thousand"}}))
+        .collect();
+    let (status, started) = batch(&api, Value::Array(items)).await;
+    assert_eq!(status, 202, "{}", started["error"]);
+    assert_eq!(started["runs"].as_array().unwrap().len(), 1000);
+    let pg = env.pg().await;
+    crate::harness::eventually(Duration::from_secs(120), "every run of the batch to succeed", || {
+        let pg = pg.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+            (n == 1000).then_some(())
+        }
+    })
+    .await;
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'run.queued'").fetch_one(&pg).await.unwrap();
+    assert_eq!(events, 1000, "one run.queued per run");
+    pg.close().await;
+}
+
+/// Concurrent starts share INSERTs, yet each answer means its own run committed, and
+/// two starts with one key, even in one shared INSERT, make one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_share_commits_and_keep_their_guarantees() {
+    let env = Env::new();
+    // A window wide enough that the concurrent starts below do share INSERTs.
+    let api = env.api(&[("SWITCHBOARD_GROUP_COMMIT_WINDOW_US", "2000")]);
+    api.device("gc-1", "gc", json!({})).await;
+    let body = json!({"params": {"ms": 1}, "device": {"pool": "gc"}});
+    let starts = (0..60).map(|i| {
+        let key = format!("gc-key-{}", i / 2); // two requests per key
+        let r = api
+            .client
+            .post(format!("{}/api/v1/modules/sleep/runs", api.base))
+            .bearer_auth(crate::harness::ADMIN_TOKEN)
+            .header("idempotency-key", key.clone())
+            .json(&body)
+            .send();
+        async move {
+            let r = r.await.unwrap();
+            (key, r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = join_all(starts).await;
+    let pg = env.pg().await;
+    for pair in answers.chunks(2) {
+        let [(key, s1, a), (_, s2, b)] = pair else { unreachable!() };
+        assert_eq!(a["id"], b["id"], "{key}: one run per key ({a} / {b})");
+        let mut statuses = [*s1, *s2];
+        statuses.sort();
+        assert_eq!(statuses, [200, 202], "{key}: one start, one replay");
+        // Answered: so committed, and visible to anyone.
+        let id: uuid::Uuid = a["id"].as_str().unwrap().parse().unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1").bind(id).fetch_one(&pg).await.unwrap();
+        assert_eq!(n, 1);
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&pg).await.unwrap();
+    assert_eq!(total, 30);
+    // The starts did share statements: fewer INSERTs than runs.
+    let shared: i64 = sqlx::query_scalar(
+        // One statement's rows share their transaction's now().
+        "SELECT count(*) FROM (SELECT created_at FROM runs GROUP BY 1 HAVING count(*) > 1) s",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(shared > 0, "no two runs share a transaction");
+    pg.close().await;
+}
