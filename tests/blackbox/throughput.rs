@@ -209,3 +209,35 @@ async fn concurrent_starts_share_commits_and_keep_their_guarantees() {
     assert!(shared > 0, "no two runs share a transaction");
     pg.close().await;
 }
+
+/// More due jobs than one Lua `unpack` can move (about 8,000) piled up in Redis while
+/// no worker polled: apalis' fetch alone fails at every poll and the queue would stall
+/// for good. Workers move the pile in chunks first, and the runs flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pile_of_9000_pushed_runs_does_not_stall_the_workers() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    for i in 0..4 {
+        api.device(&format!("pile-{i}"), "pile", json!({})).await;
+    }
+    let items: Vec<Value> =
+        (0..1000).map(|_| json!({"module": "sleep", "params": {"ms": 0}, "device": {"pool": "pile"}})).collect();
+    for _ in 0..9 {
+        let (status, body) = batch(&api, Value::Array(items.clone())).await;
+        assert_eq!(status, 202, "{}", body["error"]);
+    }
+    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
+    let pg = env.pg().await;
+    crate::harness::eventually(Duration::from_secs(60), "the worker to get through the pile", || {
+        let pg = pg.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+            (n >= 300).then_some(())
+        }
+    })
+    .await;
+    pg.close().await;
+}

@@ -106,6 +106,26 @@ impl Keys {
 /// shared with other namespaces); a larger keyspace is covered over several passes.
 const MAX_SCAN_PAGES: usize = 200;
 
+/// Due scheduled jobs moved per script call by `Queue::promote_due` (far below Lua's
+/// `unpack` limit of about 8,000).
+pub const PROMOTE_CHUNK: u64 = 1000;
+/// Chunks one `promote_due` call moves at most (the rest on its next call).
+const MAX_PROMOTE_CHUNKS: usize = 200;
+
+/// `fetch_next.lua`'s first step, bounded: due jobs from the scheduled set (KEYS[1])
+/// to the active list (KEYS[2]), at most ARGV[2] of them, signalling (KEYS[3]) as the
+/// fetch does.
+const PROMOTE_DUE: &str = r#"
+local ids = redis.call("zrangebyscore", KEYS[1], 0, ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
+if #ids > 0 then
+    redis.call("rpush", KEYS[2], unpack(ids))
+    redis.call("zrem", KEYS[1], unpack(ids))
+    redis.call("del", KEYS[3])
+    redis.call("lpush", KEYS[3], 1)
+end
+return #ids
+"#;
+
 /// Pushes run ids to Redis and wakes workers.
 #[derive(Clone)]
 pub struct Queue {
@@ -149,6 +169,40 @@ impl Queue {
     /// Pushes one run id and wakes the workers.
     pub async fn push(&self, run_id: RunId) -> CoreResult<()> {
         self.push_many(&[run_id]).await
+    }
+
+    /// Moves the jobs of apalis' `scheduled` set that are due onto its active list,
+    /// [`PROMOTE_CHUNK`] at a time, until fewer than that are left; returns how many.
+    ///
+    /// Why: apalis-redis 1.0's fetch (`fetch_next.lua`) moves *every* due scheduled job
+    /// with one Lua `unpack`, which fails beyond about 8,000 ids ("too many results to
+    /// unpack"). Every push lands in that set, so once more than that pile up between
+    /// two fetches (workers busy or down while a big batch or the reconciler pushes),
+    /// every poll fails, the consumer dies at each restart, and the queue stalls for good.
+    /// Workers call this before each consumer start and every second: the fetch then
+    /// never finds more than a chunk's worth to move. The same move, in the same atomic
+    /// way, so running it beside apalis changes nothing else.
+    pub async fn promote_due(&self) -> CoreResult<u64> {
+        let cfg = self.keys.apalis_config(1);
+        let script = redis::Script::new(PROMOTE_DUE);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut conn = self.conn.clone();
+        let mut total = 0;
+        for _ in 0..MAX_PROMOTE_CHUNKS {
+            let moved: u64 = script
+                .key(cfg.scheduled_jobs_set())
+                .key(cfg.active_jobs_list())
+                .key(cfg.signal_list())
+                .arg(now)
+                .arg(PROMOTE_CHUNK)
+                .invoke_async(&mut conn)
+                .await?;
+            total += moved;
+            if moved < PROMOTE_CHUNK {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Pushes run ids (in order) and wakes the workers once.

@@ -66,6 +66,7 @@ pub async fn run(common: CommonConfig, cfg: WorkerConfig, shutdown: Cancellation
     let (wake, control) = (keys.wake_channel(), keys.control_channel());
     tokio::spawn(hub.clone().listen(common.redis_url.clone(), wake, control, background.clone()));
     tokio::spawn(beat(pool.clone(), owner.clone(), cfg.concurrency, background.clone()));
+    tokio::spawn(promote(shared.exec.engine.queue.clone(), background.clone()));
     if cfg.adb_discover {
         let interval = Duration::from_secs(cfg.adb_discover_interval_s.max(1));
         let (engine, adb) = (shared.exec.engine.clone(), adb_driver(&cfg.adb));
@@ -149,6 +150,24 @@ async fn stop_gracefully(shutdown: &CancellationToken, shared: &Shared, grace: D
     }
 }
 
+/// Every second, moves due jobs to the active list in chunks, so that apalis' own
+/// fetch never meets more than it can move (see `Queue::promote_due`).
+async fn promote(queue: Queue, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match queue.promote_due().await {
+            Ok(n) if n >= switchboard_core::queue::PROMOTE_CHUNK => {
+                tracing::info!(jobs = n, "moved a pile of due jobs to the active list in chunks");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "could not move due jobs to the active list"),
+        }
+    }
+}
+
 /// The apalis consumer of the runs queue.
 struct Consumer {
     shared: Shared,
@@ -171,6 +190,11 @@ impl Consumer {
                 return;
             }
             let name = format!("{}#{generation}", self.owner);
+            // A pile of due jobs too big for apalis' fetch is what kills a consumer at
+            // every poll: move it in chunks first (see `Queue::promote_due`).
+            if let Err(e) = self.shared.exec.engine.queue.promote_due().await {
+                tracing::warn!(error = %e, "could not move due jobs to the active list");
+            }
             let started = std::time::Instant::now();
             match self.consume(&name).await {
                 Ok(()) if stopping.is_cancelled() => return,
