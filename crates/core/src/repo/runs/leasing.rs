@@ -122,7 +122,17 @@ async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option
 
 /// The best queued run (priority, then age) a locked device can serve, locked
 /// (`SKIP LOCKED`: a run another claimer holds is left to it).
+///
+/// The plan must walk `runs_queued_idx` in its order and stop at the first run that
+/// fits, whatever the statistics say. They are often wrong here: a table analyzed
+/// when it had few queued runs, or a long history where `queued` is a sliver, makes
+/// the planner expect two rows and read *every* queued run, then sort them for the
+/// one it wants: 250 ms a call with 10,000 queued, per run handed over (seen with
+/// auto_explain under `bench --backlog 10000`). Sorting is switched off for this
+/// statement's transaction (`SET LOCAL`, on the transaction the caller commits next),
+/// which leaves the ordered index scan as the only way to the ORDER BY.
 async fn next_candidate(conn: &mut PgConnection, device: DeviceId) -> CoreResult<Option<Candidate>> {
+    sqlx::query!("SET LOCAL enable_sort = off").execute(&mut *conn).await?;
     let row = sqlx::query_as!(
         CandidateRow,
         r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held, r.device_id,
