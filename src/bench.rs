@@ -333,14 +333,18 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
             let http = http.clone();
             let base = dep.base.clone();
             tasks.push(tokio::spawn(async move {
+                let mut ms = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
+                    let t = Instant::now();
                     start_run(&http, &base).await?;
+                    ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
-                anyhow::Ok(())
+                anyhow::Ok(ms)
             }));
         }
+        let mut loaded = Vec::with_capacity(cfg.runs);
         for t in tasks {
-            t.await??;
+            loaded.extend(t.await??);
         }
         let submit_s = t0.elapsed().as_secs_f64();
         wait_idle(&dep.pool, Duration::from_secs(600)).await?;
@@ -351,7 +355,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         rounds.push(json!({
             "baseline_txn_per_s": baseline_txn, "postgres_per_run": pg_work, "batch": batched,
             "pg_ms": stats(pg), "redis_ms": stats(rd), "http_health_ms": stats(health), "api_get_run_ms": stats(get_run),
-            "api_post_run_ms": stats(post), "enqueue_to_start_ms": stats(e2s),
+            "api_post_run_ms": stats(post), "enqueue_to_start_ms": stats(e2s), "api_post_run_loaded_ms": stats(loaded),
             "enqueue_per_s": submitted as f64 / submit_s, "end_to_end_runs_per_s": submitted as f64 / total_s,
         }));
     }
@@ -379,6 +383,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
                      "http_health_ms": {"p50": pick("http_health_ms", 0), "p99": pick("http_health_ms", 1)}},
         "enqueue_to_start_ms": {"p50": e2s_p50, "p99": pick("enqueue_to_start_ms", 1), "p50_in_postgres_round_trips": e2s_p50 / pg_p50},
         "api_ms": {"post_run": {"p50": pick("api_post_run_ms", 0), "p99": pick("api_post_run_ms", 1)},
+                   "post_run_under_load": {"p50": pick("api_post_run_loaded_ms", 0), "p99": pick("api_post_run_loaded_ms", 1)},
                    "get_run": {"p50": pick("api_get_run_ms", 0), "p99": pick("api_get_run_ms", 1)}},
         "throughput": {"enqueue_per_s": pick1("enqueue_per_s"), "end_to_end_runs_per_s": pick1("end_to_end_runs_per_s"),
                        "baseline_txn_per_s": pick1("baseline_txn_per_s"),
@@ -610,6 +615,12 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
         "  API POST .../runs             p50 {} ms  p99 {} ms",
         f(&r["api_ms"]["post_run"]["p50"]),
         f(&r["api_ms"]["post_run"]["p99"])
+    );
+    println!(
+        "  API POST .../runs, {} clients  p50 {} ms  p99 {} ms",
+        cfg.clients,
+        f(&r["api_ms"]["post_run_under_load"]["p50"]),
+        f(&r["api_ms"]["post_run_under_load"]["p99"])
     );
     println!(
         "  API GET /runs/{{id}}            p50 {} ms  p99 {} ms",

@@ -74,17 +74,16 @@ impl Executor {
         let mut next = Some((first, claimed_at));
         while let Some((claimed, at)) = next.take() {
             let (device, claimed_id) = (claimed.device.id, claimed.run.id);
-            self.execute(claimed, at).await?;
-            if !self.stopping.is_cancelled() {
-                let (at, span) = (Instant::now(), claim_span(claimed_id));
-                next = runs::claim_for_device(&self.pool, device, &self.owner, self.lease_ttl).await?.map(|c| (c, at));
-                if let Some((c, _)) = &next {
-                    self::claimed(span, c);
-                }
+            // The outcome's transaction also hands the device over (`runs::finish`).
+            let handed = self.execute(claimed, at).await?;
+            if let Some(c) = &handed {
+                self::claimed(claim_span(claimed_id), c);
             }
+            next = handed.map(|c| (c, Instant::now()));
             if next.is_none() {
-                // Not handed over here (stopping, or the device row was busy): push the
-                // best waiting run it could serve, so it does not wait for a reconcile.
+                // Not handed over (stopping, nothing it can serve, or the device row
+                // was busy): push the best waiting run it could serve, so it does not
+                // wait for a reconcile.
                 self.offer(device).await;
             }
         }
@@ -101,7 +100,8 @@ impl Executor {
     }
 
     /// Executes one claimed run to an outcome and writes it.
-    pub async fn execute(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Finished> {
+    /// Returns the run its device was handed over to, if any (see `runs::finish`).
+    pub async fn execute(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Option<Claimed>> {
         let span = tracing::info_span!("run", run_id = %claimed.run.id, device_id = %claimed.device.id,
             target = %claimed.run.target, attempt = claimed.attempt, otel.name = format!("run {}", claimed.run.kind),
             trace_id = tracing::field::Empty);
@@ -110,7 +110,7 @@ impl Executor {
         self.execute_inner(claimed, claimed_at).instrument(span).await
     }
 
-    async fn execute_inner(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Finished> {
+    async fn execute_inner(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Option<Claimed>> {
         // The claim committed its `run.started`: the feed may show it now.
         self.engine.queue.feed_changed();
         let attempt = Arc::new(Attempt::new(claimed_at, self.lease_ttl));
@@ -133,10 +133,10 @@ impl Executor {
         if let Ok(mut m) = self.inflight.lock() {
             m.remove(&claimed.run.id);
         }
-        let finished = written?;
+        let (finished, next) = written?;
         self.engine.queue.feed_changed();
         self.after(&claimed, &finished).await;
-        Ok(finished)
+        Ok(next)
     }
 
     /// Logs the end of an attempt, delivers a requeued run again, and moves a finished
@@ -180,7 +180,7 @@ impl Executor {
         outcome: &Outcome,
         steps: &[RunStep],
         attempt: &Attempt,
-    ) -> CoreResult<Finished> {
+    ) -> CoreResult<(Finished, Option<Claimed>)> {
         self.persist(attempt, "the outcome", || self.write(claimed, outcome, steps)).await
     }
 
@@ -222,10 +222,12 @@ impl Executor {
     }
 
     /// One write of the outcome, in a task of its own.
-    fn write(&self, claimed: &Claimed, outcome: &Outcome, steps: &[RunStep]) -> Detached<Finished> {
+    fn write(&self, claimed: &Claimed, outcome: &Outcome, steps: &[RunStep]) -> Detached<(Finished, Option<Claimed>)> {
         let (pool, owner, policy) = (self.pool.clone(), self.owner.clone(), self.policy);
         let (claimed, outcome, steps) = (claimed.clone(), outcome.clone(), steps.to_vec());
-        Detached::spawn(async move { runs::finish(&pool, &claimed, &owner, &outcome, &steps, policy).await })
+        // Hand the device over in the same commit, unless this worker is stopping.
+        let hand_off = (!self.stopping.is_cancelled()).then_some(self.lease_ttl);
+        Detached::spawn(async move { runs::finish(&pool, &claimed, &owner, &outcome, &steps, policy, hand_off).await })
     }
 
     /// One module run: the module under the run's timeout, recorded as step 0.

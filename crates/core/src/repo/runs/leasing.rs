@@ -247,26 +247,33 @@ pub async fn claim_for_device(
     if !devices::lock_if_claimable(&mut tx, device).await? {
         return Ok(None);
     }
+    let claimed = hand_over(&mut tx, device, owner, ttl).await?;
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// Gives a locked, claimable device to the best queued run it can serve, on the
+/// caller's transaction; a candidate whose stored data is unreadable is ended on the way.
+async fn hand_over(
+    conn: &mut PgConnection,
+    device: DeviceId,
+    owner: &str,
+    ttl: Duration,
+) -> CoreResult<Option<Claimed>> {
     loop {
-        let Some(c) = next_candidate(&mut tx, device).await? else {
-            tx.commit().await?;
-            return Ok(None);
-        };
+        let Some(c) = next_candidate(conn, device).await? else { return Ok(None) };
         // The query applies the same rule; should they ever disagree, hand nothing
         // over rather than pick the same row again.
         if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
-            tx.commit().await?;
             return Ok(None);
         }
         match selector_of(&c).and_then(|_| definition_of(&c)) {
             Ok(definition) => {
-                let claimed = assign(&mut tx, c.locked.id, device, owner, ttl, definition.touches_device()).await?;
-                tx.commit().await?;
-                return Ok(Some(claimed));
+                return Ok(Some(assign(conn, c.locked.id, device, owner, ttl, definition.touches_device()).await?));
             }
             Err(error) => {
                 tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
-                transitions::end(&mut tx, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
+                transitions::end(conn, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
             }
         }
     }
@@ -386,6 +393,12 @@ pub struct FinishPolicy {
 
 /// Writes an attempt's outcome, its steps and events, releases the device and updates
 /// its breaker, in one transaction, only if `owner` still holds attempt `attempt`.
+///
+/// With `hand_off` (the next lease's TTL), the same transaction then gives the released
+/// device, if it is still claimable, to the best queued run it can serve: one commit
+/// ends a run and starts the next, instead of two. Should that commit be lost after
+/// all, the next run's lease expires unrenewed and the reconciler requeues it, as
+/// after any worker crash.
 pub async fn finish(
     pool: &PgPool,
     claimed: &Claimed,
@@ -393,10 +406,11 @@ pub async fn finish(
     outcome: &Outcome,
     steps: &[RunStep],
     policy: FinishPolicy,
-) -> CoreResult<Finished> {
+    hand_off: Option<Duration>,
+) -> CoreResult<(Finished, Option<Claimed>)> {
     let run = claimed.run.id;
     let mut tx = pool.begin().await?;
-    let Some(locked) = transitions::lock(&mut tx, run).await? else { return Ok(Finished::Refused) };
+    let Some(locked) = transitions::lock(&mut tx, run).await? else { return Ok((Finished::Refused, None)) };
     let holds = locked.held_by(owner, claimed.attempt);
     let finished = match lifecycle::decide(locked.state, Command::Finish { holds, ending: outcome.ending }) {
         Decision::Requeue { spend_attempt, backoff } => {
@@ -415,16 +429,23 @@ pub async fn finish(
         _ => {
             tx.rollback().await?;
             refuse(pool, claimed, owner, outcome).await?;
-            return Ok(Finished::Refused);
+            return Ok((Finished::Refused, None));
         }
     };
     for step in steps {
         transitions::write_step(&mut tx, run, step).await?;
     }
     let effect = breaker::effect(outcome.ending, outcome.touched_device, outcome.error.as_ref().map(|e| e.kind));
-    devices::release(&mut tx, claimed.device.id, run, owner, effect, policy.breaker).await?;
+    let device = claimed.device.id;
+    devices::release(&mut tx, device, run, owner, effect, policy.breaker).await?;
+    let next = match hand_off {
+        Some(ttl) if devices::lock_if_claimable(&mut tx, device).await? => {
+            hand_over(&mut tx, device, owner, ttl).await?
+        }
+        _ => None,
+    };
     tx.commit().await?;
-    Ok(finished)
+    Ok((finished, next))
 }
 
 /// Records a refused late write (a zombie worker): logged and kept as an event.
