@@ -279,9 +279,20 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     }
     let redis_client = redis::Client::open(cfg.redis_url.as_str())?;
     let redis_conn = redis_client.get_multiplexed_async_connection().await?;
-    // Warm up every path once.
+    // Warm up every path once, then at the measured concurrency: pools open their
+    // connections lazily, and each new connection first reads the catalog for the
+    // enum types (sqlx), which a first round would otherwise pay for.
     let id = start_run(&http, &dep.base).await?;
-    wait_idle(&dep.pool, Duration::from_secs(30)).await?;
+    let warm = (0..cfg.clients.max(1)).map(|_| async {
+        for _ in 0..10 {
+            start_run(&http, &dep.base).await?;
+        }
+        anyhow::Ok(())
+    });
+    for w in futures::future::join_all(warm).await {
+        w?;
+    }
+    wait_idle(&dep.pool, Duration::from_secs(60)).await?;
 
     let mut rounds = Vec::new();
     for round in 0..cfg.rounds {
