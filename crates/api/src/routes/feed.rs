@@ -224,41 +224,42 @@ pub async fn share(
     let woken = Arc::new(tokio::sync::Notify::new());
     let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(listen(wake, woken.clone(), listening.clone(), stop.clone()));
-    let (mut at, mut recheck) = (None, false);
+    let mut at = None;
     loop {
-        let (more, moved) = match at {
+        let (more, held) = match at {
             None => {
                 at = feed::head(&pool).await.ok();
-                (false, true)
+                (false, false)
             }
             Some(from) => {
-                let (next, more) = read_shared(&pool, from, &out).await;
-                at = Some(next);
-                (more, next > from)
+                let read = read_shared(&pool, from, &out).await;
+                at = Some(read.next);
+                (read.full, read.held)
             }
         };
         if more {
             continue;
         }
-        // Woken for events that an older transaction still holds behind the line: look
-        // again shortly rather than at the fallback (that transaction's own commit
-        // may not publish).
-        let wait = if recheck && !moved {
+        // Committed events held behind the line by an older transaction: look again
+        // shortly rather than at the fallback, since that transaction's own commit may
+        // not publish (a device edit, a claim's first statements) and a wake-up that
+        // came before it was spent on the read that found them held.
+        let wait = if held {
             RECHECK
         } else if listening.load(Ordering::Relaxed) {
             FALLBACK
         } else {
             UNSUBSCRIBED
         };
-        recheck = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            _ = woken.notified() => true,
-            _ = tokio::time::sleep(wait) => false,
-        };
+            _ = woken.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
-/// Look again this soon after a wake-up whose events were not yet below the line.
+/// Look again this soon while committed events wait behind the line.
 const RECHECK: Duration = Duration::from_millis(10);
 
 /// Read when no wake-up comes.
@@ -275,12 +276,22 @@ pub struct Wake {
     pub channels: Vec<String>,
 }
 
-/// One shared read from `from`: hands the batch out; returns where it ends and whether
-/// it was full (read again at once). A failed read hands out nothing and stays put.
-async fn read_shared(pool: &sqlx::PgPool, from: Position, out: &broadcast::Sender<Arc<Shared>>) -> (Position, bool) {
+/// What one shared read did.
+struct SharedRead {
+    /// Where the reader stands now.
+    next: Position,
+    /// The batch was full: read again at once.
+    full: bool,
+    /// Committed events wait behind the line.
+    held: bool,
+}
+
+/// One shared read from `from`: hands the batch out. A failed read hands out nothing
+/// and stays put.
+async fn read_shared(pool: &sqlx::PgPool, from: Position, out: &broadcast::Sender<Arc<Shared>>) -> SharedRead {
     match feed::read(pool, from, &Filter::default(), SHARED_BATCH).await {
         Ok(batch) if batch.next > from => {
-            let full = batch.events.len() as i64 >= SHARED_BATCH;
+            let (full, held) = (batch.events.len() as i64 >= SHARED_BATCH, batch.held);
             let events = batch
                 .events
                 .into_iter()
@@ -290,12 +301,12 @@ async fn read_shared(pool: &sqlx::PgPool, from: Position, out: &broadcast::Sende
                 })
                 .collect();
             let _ = out.send(Arc::new(Shared { from, next: batch.next, events }));
-            (batch.next, full)
+            SharedRead { next: batch.next, full, held }
         }
-        Ok(_) => (from, false),
+        Ok(batch) => SharedRead { next: from, full: false, held: batch.held },
         Err(e) => {
             tracing::debug!(error = %e, "the shared feed reader could not read");
-            (from, false)
+            SharedRead { next: from, full: false, held: false }
         }
     }
 }

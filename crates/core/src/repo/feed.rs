@@ -151,6 +151,9 @@ pub struct Batch {
     pub events: Vec<(Position, Event)>,
     /// The reader's new place.
     pub next: Position,
+    /// Whether committed events wait above the line for an older transaction to end:
+    /// a reader that wants them soon reads again shortly.
+    pub held: bool,
 }
 
 /// Reads after `after`, below the in-flight line, what `filter` wants (at most `limit`).
@@ -171,12 +174,16 @@ pub async fn read(pool: &PgPool, after: Position, filter: &Filter, limit: i64) -
                AND ($7::text IS NULL OR e.device_id IN (SELECT id FROM devices WHERE pool = $7))
              ORDER BY e.tx, e.id LIMIT $8),
            head AS (
-             SELECT e.tx, e.id FROM events e, line WHERE e.tx < line.xmin ORDER BY e.tx DESC, e.id DESC LIMIT 1)
+             SELECT e.tx, e.id FROM events e, line WHERE e.tx < line.xmin ORDER BY e.tx DESC, e.id DESC LIMIT 1),
+           -- A committed event at or above the line: held back by an older transaction
+           -- still in flight, so readable as soon as that one ends.
+           held AS (
+             SELECT EXISTS (SELECT 1 FROM events e, line WHERE e.tx >= line.xmin) AS held)
            SELECT f.id AS "id?: EventId", f.type AS "kind?", f.at AS "at?", f.run_id AS "run_id?: RunId",
                   f.device_id AS "device_id?: DeviceId", f.schedule_id AS "schedule_id?: crate::ids::ScheduleId",
                   f.host_id AS "host_id?: crate::ids::HostId", f.data AS "data?", f.tx::text::int8 AS "tx?",
-                  h.tx::text::int8 AS "head_tx?", h.id AS "head_id?: EventId"
-           FROM head h LEFT JOIN found f ON true
+                  h.tx::text::int8 AS "head_tx?", h.id AS "head_id?: EventId", k.held AS "held!"
+           FROM held k LEFT JOIN head h ON true LEFT JOIN found f ON true
            ORDER BY f.tx, f.id"#,
         after.tx.to_string(),
         after.id as EventId,
@@ -190,8 +197,9 @@ pub async fn read(pool: &PgPool, after: Position, filter: &Filter, limit: i64) -
     .fetch_all(pool)
     .await?;
     let mut events = Vec::with_capacity(rows.len());
-    let mut head = None;
+    let (mut head, mut held) = (None, false);
     for r in rows {
+        held = r.held;
         head = r.head_tx.zip(r.head_id).map(|(tx, id)| Position { tx, id });
         let (Some(id), Some(kind), Some(at), Some(data), Some(tx)) = (r.id, r.kind, r.at, r.data, r.tx) else {
             continue;
@@ -208,7 +216,7 @@ pub async fn read(pool: &PgPool, after: Position, filter: &Filter, limit: i64) -
         };
         events.push((Position { tx, id }, event));
     }
-    Ok(Batch { next: next_place(after, &events, head, limit), events })
+    Ok(Batch { next: next_place(after, &events, head, limit), events, held })
 }
 
 /// Where a reader stands after a read: past its last event when the read was full
