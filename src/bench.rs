@@ -44,6 +44,12 @@ pub struct BenchConfig {
     /// Concurrent HTTP clients submitting runs.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    /// api processes (the clients spread over them); for scale-out figures.
+    #[arg(long, default_value_t = 1)]
+    pub apis: usize,
+    /// worker processes, each of `worker_concurrency`; for scale-out figures.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
     /// Also measure schedule fire lag over an every-second schedule for this many
     /// seconds (0 skips it).
     #[arg(long, default_value_t = 0)]
@@ -76,8 +82,13 @@ pub struct BenchConfig {
 const TOKEN: &str = "bench-admin-token";
 
 struct Deployment {
+    /// The first api, the first worker, the scheduler, then any more apis and workers.
     children: Vec<Child>,
     base: String,
+    /// Every api's root, the first being `base`.
+    bases: Vec<String>,
+    /// Pids of every worker process.
+    workers: Vec<u32>,
     pool: PgPool,
     url: String,
     admin_url: String,
@@ -104,41 +115,43 @@ impl Deployment {
             ("SWITCHBOARD_ADMIN_TOKEN", TOKEN.to_string()),
             ("SWITCHBOARD_API_ADDR", "127.0.0.1:0".to_string()),
             ("SWITCHBOARD_WORKER_CONCURRENCY", cfg.worker_concurrency.to_string()),
-            ("SWITCHBOARD_DB_MAX_CONNECTIONS", "32".to_string()),
+            // Every process's pool within Postgres' default max_connections (100).
+            ("SWITCHBOARD_DB_MAX_CONNECTIONS", (84 / (cfg.apis + cfg.workers).max(2)).min(32).to_string()),
             ("RUST_LOG", "warn".to_string()),
             // The bench measures the engine, not the rate limiter.
             ("SWITCHBOARD_RATE_LIMIT_PER_S", "0".to_string()),
             ("SWITCHBOARD_ADDRESS_RATE_LIMIT_PER_S", "0".to_string()),
         ];
-        let mut api = Command::new(&exe);
-        api.arg("api").envs(envs.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut api = api.spawn()?;
-        let stdout = api.stdout.take().context("api stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("switchboard api listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(20)).context("api did not start")?;
-        let worker = Command::new(&exe)
-            .arg("worker")
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let scheduler = Command::new(&exe)
-            .arg("scheduler")
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+        let spawn = |role: &str| {
+            Command::new(&exe)
+                .arg(role)
+                .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+        };
+        let (api, base) = start_api(&exe, &envs)?;
+        let worker = spawn("worker")?;
+        let scheduler = spawn("scheduler")?;
+        let (mut bases, mut workers) = (vec![base.clone()], vec![worker.id()]);
+        let mut more = Vec::new();
+        for _ in 1..cfg.apis.max(1) {
+            let (api, base) = start_api(&exe, &envs)?;
+            bases.push(base);
+            more.push(api);
+        }
+        for _ in 1..cfg.workers.max(1) {
+            let w = spawn("worker")?;
+            workers.push(w.id());
+            more.push(w);
+        }
+        let mut children = vec![api, worker, scheduler];
+        children.extend(more);
         Ok(Deployment {
-            children: vec![api, worker, scheduler],
+            children,
             base,
+            bases,
+            workers,
             pool,
             url,
             admin_url: format!("{server}/postgres"),
@@ -146,6 +159,11 @@ impl Deployment {
             namespace,
             redis_url: cfg.redis_url.clone(),
         })
+    }
+
+    /// The api root client `i` talks to.
+    fn base_for(&self, i: usize) -> &str {
+        &self.bases[i % self.bases.len()]
     }
 
     fn rss_kib(&self) -> Vec<u64> {
@@ -178,6 +196,28 @@ impl Deployment {
                 .await;
         }
     }
+}
+
+/// Starts an api process and waits for the address it prints.
+fn start_api(exe: &std::path::Path, envs: &[(&str, String)]) -> anyhow::Result<(Child, String)> {
+    let mut api = Command::new(exe)
+        .arg("api")
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = api.stdout.take().context("api stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("switchboard api listening on ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(20)).context("api did not start")?;
+    Ok((api, base))
 }
 
 /// A process's resident memory (KiB, from /proc; 0 when unreadable).
@@ -340,9 +380,9 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
         let t0 = Instant::now();
         let per_client = cfg.runs / cfg.clients.max(1);
         let mut tasks = Vec::new();
-        for _ in 0..cfg.clients.max(1) {
+        for client in 0..cfg.clients.max(1) {
             let http = http.clone();
-            let base = dep.base.clone();
+            let base = dep.base_for(client).to_string();
             tasks.push(tokio::spawn(async move {
                 let mut ms = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
@@ -388,7 +428,7 @@ async fn measure(cfg: &BenchConfig, dep: &Deployment) -> anyhow::Result<Value> {
     let pg_p50 = pick("pg_ms", 0);
     Ok(json!({
         "config": {"devices": cfg.devices, "runs_per_round": cfg.runs, "latency_samples": cfg.latency_samples, "rounds": cfg.rounds,
-                   "worker_concurrency": cfg.worker_concurrency, "clients": cfg.clients},
+                   "worker_concurrency": cfg.worker_concurrency, "clients": cfg.clients, "apis": cfg.apis, "workers": cfg.workers},
         "baseline": {"postgres_select1_ms": {"p50": pg_p50, "p99": pick("pg_ms", 1)},
                      "redis_ping_ms": {"p50": pick("redis_ms", 0), "p99": pick("redis_ms", 1)},
                      "http_health_ms": {"p50": pick("http_health_ms", 0), "p99": pick("http_health_ms", 1)}},
@@ -422,7 +462,7 @@ async fn batch_throughput(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::C
     let calls = cfg.runs.div_ceil(500);
     let mut submitted = 0;
     for wave in (0..calls).collect::<Vec<_>>().chunks(4) {
-        let sends = wave.iter().map(|i| submit_batch(http, &dep.base, (cfg.runs - i * 500).min(500)));
+        let sends = wave.iter().map(|i| submit_batch(http, dep.base_for(*i), (cfg.runs - i * 500).min(500)));
         for n in futures::future::join_all(sends).await {
             submitted += n?;
         }
@@ -448,11 +488,11 @@ async fn submit_batch(http: &reqwest::Client, base: &str, n: usize) -> anyhow::R
 /// For each `--backlog` size: the worker stopped (SIGSTOP), that many runs queued, the
 /// worker let go (SIGCONT), and the drain timed, with Postgres' work per run.
 async fn drain_backlogs(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -> anyhow::Result<Value> {
-    let worker = dep.children[1].id().to_string();
+    let workers: Vec<String> = dep.workers.iter().map(u32::to_string).collect();
     let mut out = Vec::new();
     for &n in &cfg.backlog {
         eprintln!("backlog of {n} runs ...");
-        std::process::Command::new("kill").args(["-STOP", &worker]).status()?;
+        std::process::Command::new("kill").arg("-STOP").args(&workers).status()?;
         let queued = async {
             for chunk in (0..n).step_by(1000) {
                 submit_batch(http, &dep.base, (n - chunk).min(1000)).await?;
@@ -460,7 +500,7 @@ async fn drain_backlogs(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Cli
             anyhow::Ok(())
         }
         .await;
-        std::process::Command::new("kill").args(["-CONT", &worker]).status()?;
+        std::process::Command::new("kill").arg("-CONT").args(&workers).status()?;
         queued?;
         let work = crate::bench_pg::PgWork::start(&dep.pool).await;
         let t0 = Instant::now();
@@ -598,8 +638,8 @@ async fn fire_lag(cfg: &BenchConfig, dep: &Deployment, http: &reqwest::Client) -
 fn print_report(cfg: &BenchConfig, r: &Value) {
     let f = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
     println!(
-        "switchboard bench: {} sim devices, worker concurrency {}, {} rounds (medians)",
-        cfg.devices, cfg.worker_concurrency, cfg.rounds
+        "switchboard bench: {} sim devices, {} api and {} worker process(es) of concurrency {}, {} rounds (medians)",
+        cfg.devices, cfg.apis, cfg.workers, cfg.worker_concurrency, cfg.rounds
     );
     println!(
         "  baseline  postgres SELECT 1   p50 {} ms  p99 {} ms",
