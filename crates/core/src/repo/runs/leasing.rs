@@ -172,9 +172,35 @@ fn definition_of(c: &Candidate) -> Result<RunDefinition, RunError> {
     Ok(definition)
 }
 
-/// Claims a queued run and a free matching device, in one transaction. The snapshot is
-/// read only once a device is found (most deliveries of a busy pool find none).
+/// Claims a queued run and a free matching device.
+///
+/// The run is read first without a lock: a delivery whose run is no longer claimable
+/// (most often one a release hand-off already started, see `finish`) or not yet due is
+/// answered from that read, with no transaction and no wait for a row lock the
+/// hand-off still holds (12.5 ms a delivery on average under `bench`, before). Only a
+/// run that looks claimable is claimed under its lock (`claim_locked`), which decides
+/// again on what it locked.
 pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
+    let row = sqlx::query!(
+        r#"SELECT status AS "status: RunStatus", kind AS "kind: RunKind", attempt, max_attempts, paused,
+                  cancel_requested, held, not_before, (not_before IS NULL OR not_before <= now()) AS "due!"
+           FROM runs WHERE id = $1"#,
+        run as RunId
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some(r) = row else { return Ok(ClaimOutcome::NotClaimable) };
+    match lifecycle::decide(run_state!(r), Command::Claim { due: r.due }) {
+        Decision::Start => claim_locked(pool, run, owner, ttl).await,
+        Decision::NotYet => Ok(ClaimOutcome::NotYet(r.not_before.unwrap_or_else(Utc::now))),
+        _ => Ok(ClaimOutcome::NotClaimable),
+    }
+}
+
+/// `claim` under the run's row lock, in one transaction: the run is locked and decided
+/// on, a device picked and leased, the run started. The snapshot is read only once a
+/// device is found (most deliveries of a busy pool find none).
+async fn claim_locked(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
     let mut tx = pool.begin().await?;
     let Some(c) = lock_candidate(&mut tx, run).await? else { return Ok(ClaimOutcome::NotClaimable) };
     match lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) {
