@@ -61,6 +61,11 @@ pub struct BenchConfig {
     /// Runs started while the feed clients follow.
     #[arg(long, default_value_t = 1000)]
     pub feed_runs: usize,
+    /// Starts per second while the feed clients follow (0: as fast as the clients go,
+    /// which saturates this machine; a rate under its capacity shows the feed's own
+    /// latency rather than the queueing of a saturated box).
+    #[arg(long, default_value_t = 0.0)]
+    pub feed_rate: f64,
     /// Also measure what a `/metrics` scrape costs before and after this many finished
     /// runs (and twice as many events) are added to the history (0 skips it).
     #[arg(long, default_value_t = 0)]
@@ -748,9 +753,10 @@ fn print_report(cfg: &BenchConfig, r: &Value) {
     if r["feed"].is_object() {
         let l = &r["feed"];
         println!(
-            "  feed: {} WebSocket clients, {} runs, {} events each: delivered to all {}; latency p50 {} ms  p99 {} ms; api RSS {} MiB",
+            "  feed: {} WebSocket clients, {} runs {}, {} events each: delivered to all {}; latency p50 {} ms  p99 {} ms; api RSS {} MiB",
             l["clients"],
             l["runs"],
+            l["rate_per_s"].as_f64().map(|r| format!("at {r}/s")).unwrap_or_else(|| "unpaced".into()),
             l["events_per_client"],
             l["complete"],
             f(&l["delivery_ms"]["p50"]),

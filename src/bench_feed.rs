@@ -83,8 +83,17 @@ pub async fn measure(cfg: &BenchConfig, base: &str, token: &str, pool: &PgPool, 
     for i in 0..cfg.clients.max(1) {
         let (http, base) = (http.clone(), base.to_string());
         let n = per_client + usize::from(i < cfg.feed_runs % cfg.clients.max(1));
+        // Paced: each of the clients starts one run every `clients / rate` seconds.
+        let clients = cfg.clients.max(1);
+        let pace = (cfg.feed_rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / cfg.feed_rate));
         starters.push(tokio::spawn(async move {
+            let mut tick = pace.map(|p| {
+                tokio::time::interval_at(tokio::time::Instant::now() + p.mul_f64(i as f64 / clients as f64), p)
+            });
             for _ in 0..n {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
                 start_run(&http, &base).await?;
             }
             anyhow::Ok(())
@@ -125,6 +134,7 @@ pub async fn measure(cfg: &BenchConfig, base: &str, token: &str, pool: &PgPool, 
     Ok(json!({
         "clients": cfg.feed_clients,
         "runs": cfg.feed_runs,
+        "rate_per_s": (cfg.feed_rate > 0.0).then_some(cfg.feed_rate),
         "events_per_client": want,
         "complete": format!("{complete}/{}", cfg.feed_clients),
         "delivery_ms": {"p50": percentile(&latencies, 0.50), "p99": percentile(&latencies, 0.99), "max": latencies.last()},
