@@ -152,6 +152,51 @@ async fn infrastructure_errors_retry_with_growing_delays_and_verdicts_do_not() {
     assert_eq!((run["status"].as_str(), run["attempt"].as_i64()), (Some("failed"), Some(1)));
 }
 
+/// An operator's breaker reset while a run holds the device counts: the run's release
+/// decides from the reset breaker, not from the one the run started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_reset_while_a_run_holds_the_device_is_not_overwritten_by_its_release() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _scheduler = env.scheduler(FAST);
+    let _w = env.worker(&with(FAST, &[("SWITCHBOARD_BREAKER_THRESHOLD", "2")]));
+    let dev = api.device("dur-brk-held", "bh", json!({"error_rate": 1.0, "latency_ms": 1500})).await;
+    let dev_id = dev["id"].as_str().unwrap().to_string();
+    let api = &api;
+    let errored = |body: Value| async move {
+        let r = api.start("device_info", body).await;
+        let id = r["id"].as_str().unwrap().to_string();
+        (id.clone(), api.wait_terminal(&id, Duration::from_secs(20)).await)
+    };
+    let one = json!({"device": {"serial": "dur-brk-held"}, "max_attempts": 1});
+    let (_, first) = errored(one.clone()).await;
+    assert_eq!(first["status"], "errored");
+    let d = api.get(&format!("/api/v1/devices/{dev_id}")).await.body;
+    assert_eq!(d["breaker"]["consecutive_failures"], 1, "{d}");
+
+    // A second failing run takes the device; the operator resets the breaker while it
+    // runs. Its release counts one failure from zero: closed with 1, not open with 2.
+    let second = api.start("device_info", one.clone()).await;
+    let second_id = second["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "the second run to start", || async {
+        (api.run(&second_id).await["status"] == "running").then_some(())
+    })
+    .await;
+    let r = api.post(&format!("/api/v1/devices/{dev_id}/breaker/reset"), json!({})).await;
+    assert_eq!(r.status, 200);
+    let second = api.wait_terminal(&second_id, Duration::from_secs(20)).await;
+    assert_eq!(second["status"], "errored", "{second}");
+    let d = api.get(&format!("/api/v1/devices/{dev_id}")).await.body;
+    assert_eq!(d["breaker"], json!({"state": "closed", "consecutive_failures": 1, "open_until": null}), "{d}");
+
+    // Without a reset the next failure counts on: two in a row open it.
+    let (_, third) = errored(one).await;
+    assert_eq!(third["status"], "errored");
+    let d = api.get(&format!("/api/v1/devices/{dev_id}")).await.body;
+    assert_eq!(d["breaker"]["state"], "open", "{d}");
+    assert_eq!(d["breaker"]["consecutive_failures"], 2, "{d}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_device_trips_its_breaker_gets_one_probe_and_can_be_reset() {
     let env = Env::new();

@@ -420,9 +420,24 @@ pub struct BreakerPolicy {
     pub cooldown_s: i64,
 }
 
+/// A leased device's breaker as its releaser read it, unlocked, in the transaction that
+/// locked the run, with that transaction's clock (`now()`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeenBreaker {
+    /// The breaker columns read.
+    pub row: BreakerRow,
+    /// The transaction's clock.
+    pub now: DateTime<Utc>,
+}
+
 /// Frees the device `run` held for `owner` and applies `effect` to its breaker
 /// (`breaker::next` decides; this writes), with an event when the breaker opens or
 /// closes.
+///
+/// With `seen`, the decision is made on it and written only if the row still says so:
+/// one statement instead of a locked read and a write (the device row is the lease
+/// holder's to change; only an operator's reset or edit meanwhile makes the write miss,
+/// and then the locked read decides again).
 pub(crate) async fn release(
     conn: &mut PgConnection,
     id: DeviceId,
@@ -430,7 +445,15 @@ pub(crate) async fn release(
     owner: &str,
     effect: Effect,
     policy: BreakerPolicy,
+    seen: Option<SeenBreaker>,
 ) -> CoreResult<()> {
+    let decide = |seen: SeenBreaker| breaker::next(seen.row, effect, policy.threshold, policy.cooldown_s, seen.now);
+    if let Some(seen) = seen {
+        let (next, transition) = decide(seen);
+        if write_release(conn, id, run, owner, Some(&seen.row), &next).await? {
+            return record_transition(conn, id, run, &next, transition).await;
+        }
+    }
     let row = sqlx::query!(
         r#"SELECT breaker_state, breaker_failures, breaker_trips, breaker_open_until, now() AS "now!"
            FROM devices WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3 FOR UPDATE"#,
@@ -447,29 +470,62 @@ pub(crate) async fn release(
         trips: row.breaker_trips,
         open_until: row.breaker_open_until,
     };
-    let (next, transition) = breaker::next(current, effect, policy.threshold, policy.cooldown_s, row.now);
-    sqlx::query!(
+    let (next, transition) = decide(SeenBreaker { row: current, now: row.now });
+    write_release(conn, id, run, owner, None, &next).await?;
+    record_transition(conn, id, run, &next, transition).await
+}
+
+/// Clears the lease `run` holds for `owner` and writes the breaker `next`, only if the
+/// breaker is still `expected` (when given). Whether the row was written.
+async fn write_release(
+    conn: &mut PgConnection,
+    id: DeviceId,
+    run: RunId,
+    owner: &str,
+    expected: Option<&BreakerRow>,
+    next: &BreakerRow,
+) -> CoreResult<bool> {
+    let e = expected.copied().unwrap_or(*next);
+    let done = sqlx::query!(
         "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
-            breaker_state = $2, breaker_failures = $3, breaker_trips = $4, breaker_open_until = $5, updated_at = now()
-         WHERE id = $1",
+            breaker_state = $4, breaker_failures = $5, breaker_trips = $6, breaker_open_until = $7, updated_at = now()
+         WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3
+           AND (NOT $8 OR (breaker_state = $9 AND breaker_failures = $10 AND breaker_trips = $11
+                           AND breaker_open_until IS NOT DISTINCT FROM $12))",
         id as DeviceId,
+        run as RunId,
+        owner,
         next.state as BreakerState,
         next.failures,
         next.trips,
         next.open_until,
+        expected.is_some(),
+        e.state as BreakerState,
+        e.failures,
+        e.trips,
+        e.open_until,
     )
     .execute(&mut *conn)
     .await?;
-    if let Some(t) = transition {
-        let (kind, state) = match t {
-            Transition::Opened => (EventKind::DeviceBreakerOpened, "open"),
-            Transition::Closed => (EventKind::DeviceBreakerClosed, "closed"),
-        };
-        crate::meters::breaker_transition(id, state);
-        let data = json!({"consecutive_failures": next.failures, "open_until": next.open_until, "trips": next.trips});
-        events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), ..Default::default() }, data)
-            .await?;
-    }
+    Ok(done.rows_affected() == 1)
+}
+
+/// The event and meter of a breaker that opened or closed on release.
+async fn record_transition(
+    conn: &mut PgConnection,
+    id: DeviceId,
+    run: RunId,
+    next: &BreakerRow,
+    transition: Option<Transition>,
+) -> CoreResult<()> {
+    let Some(t) = transition else { return Ok(()) };
+    let (kind, state) = match t {
+        Transition::Opened => (EventKind::DeviceBreakerOpened, "open"),
+        Transition::Closed => (EventKind::DeviceBreakerClosed, "closed"),
+    };
+    crate::meters::breaker_transition(id, state);
+    let data = json!({"consecutive_failures": next.failures, "open_until": next.open_until, "trips": next.trips});
+    events::append(conn, kind, Subject { device_id: Some(id), run_id: Some(run), ..Default::default() }, data).await?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::{
     events::{EventKind, Subject},
     ids::{DeviceId, RunId},
     lifecycle::{self, Abandon, Command, Decision, Ending, run_state},
-    model::{Device, Run, RunKind, RunStatus, RunStep},
+    model::{BreakerState, Device, Run, RunKind, RunStatus, RunStep},
     repo::{
         devices::{self, BreakerPolicy},
         events,
@@ -436,7 +436,9 @@ pub async fn finish(
 ) -> CoreResult<(Finished, Option<Claimed>)> {
     let run = claimed.run.id;
     let mut tx = pool.begin().await?;
-    let Some(locked) = transitions::lock(&mut tx, run).await? else { return Ok((Finished::Refused, None)) };
+    let Some((locked, seen)) = lock_for_finish(&mut tx, claimed, owner).await? else {
+        return Ok((Finished::Refused, None));
+    };
     let holds = locked.held_by(owner, claimed.attempt);
     let finished = match lifecycle::decide(locked.state, Command::Finish { holds, ending: outcome.ending }) {
         Decision::Requeue { spend_attempt, backoff } => {
@@ -463,7 +465,7 @@ pub async fn finish(
     }
     let effect = breaker::effect(outcome.ending, outcome.touched_device, outcome.error.as_ref().map(|e| e.kind));
     let device = claimed.device.id;
-    devices::release(&mut tx, device, run, owner, effect, policy.breaker).await?;
+    devices::release(&mut tx, device, run, owner, effect, policy.breaker, seen).await?;
     let next = match hand_off {
         Some(ttl) if devices::lock_if_claimable(&mut tx, device).await? => {
             hand_over(&mut tx, device, owner, ttl).await?
@@ -472,6 +474,40 @@ pub async fn finish(
     };
     tx.commit().await?;
     Ok((finished, next))
+}
+
+/// `transitions::lock` for a finish: the run locked, and in the same statement the
+/// breaker of the device it leases to `owner` (unlocked) with the transaction's clock,
+/// so that the release decides without reading the device again.
+async fn lock_for_finish(
+    conn: &mut PgConnection,
+    claimed: &Claimed,
+    owner: &str,
+) -> CoreResult<Option<(Locked, Option<devices::SeenBreaker>)>> {
+    let row = sqlx::query!(
+        r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held,
+                  r.device_id, r.lease_owner, d.breaker_state AS "breaker_state?: BreakerState",
+                  d.breaker_failures AS "breaker_failures?", d.breaker_trips AS "breaker_trips?",
+                  d.breaker_open_until, now() AS "now!"
+           FROM runs r LEFT JOIN devices d ON d.id = $2 AND d.lease_run_id = r.id AND d.lease_owner = $3
+           WHERE r.id = $1 FOR UPDATE OF r"#,
+        claimed.run.id as RunId,
+        claimed.device.id as DeviceId,
+        owner,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| {
+        let seen = match (r.breaker_state, r.breaker_failures, r.breaker_trips) {
+            (Some(state), Some(failures), Some(trips)) => Some(devices::SeenBreaker {
+                row: breaker::BreakerRow { state, failures, trips, open_until: r.breaker_open_until },
+                now: r.now,
+            }),
+            _ => None,
+        };
+        let locked = Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner };
+        (locked, seen)
+    }))
 }
 
 /// Records a refused late write (a zombie worker): logged and kept as an event.
