@@ -357,10 +357,15 @@ pub(crate) async fn pick_claimable(conn: &mut PgConnection, selector: &Selector)
     .await?)
 }
 
-/// Locks the device if it is free to take a run now (the release hand-off).
-pub(crate) async fn lock_if_claimable(conn: &mut PgConnection, id: DeviceId) -> CoreResult<bool> {
+/// Locks the device if it is free to take a run now, for a hand-off
+/// (`runs::leasing::hand_over`), and then switches sorting off for the rest of the
+/// transaction, as the hand-off's walk of the queue needs (see `next_candidate` there):
+/// `set_config(..., true)` is `SET LOCAL`, here without a round trip of its own, and
+/// only when there is a hand-off to make.
+pub(crate) async fn lock_for_hand_off(conn: &mut PgConnection, id: DeviceId) -> CoreResult<bool> {
     let found = sqlx::query_scalar!(
-        "SELECT d.id FROM devices d WHERE d.id = $1 AND device_claimable(d) FOR UPDATE SKIP LOCKED",
+        r#"SELECT set_config('enable_sort', 'off', true) AS "sorting!"
+           FROM devices d WHERE d.id = $1 AND device_claimable(d) FOR UPDATE SKIP LOCKED"#,
         id as DeviceId
     )
     .fetch_optional(&mut *conn)

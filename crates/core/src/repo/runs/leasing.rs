@@ -128,11 +128,11 @@ async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option
 /// when it had few queued runs, or a long history where `queued` is a sliver, makes
 /// the planner expect two rows and read *every* queued run, then sort them for the
 /// one it wants: 250 ms a call with 10,000 queued, per run handed over (seen with
-/// auto_explain under `bench --backlog 10000`). Sorting is switched off for this
-/// statement's transaction (`SET LOCAL`, on the transaction the caller commits next),
-/// which leaves the ordered index scan as the only way to the ORDER BY.
+/// auto_explain under `bench --backlog 10000`). Sorting is switched off for the
+/// transaction by `devices::lock_for_hand_off`, which locked the device first (a
+/// `SET LOCAL`, so it ends with the transaction the caller commits next): that leaves
+/// the ordered index scan as the only way to the ORDER BY.
 async fn next_candidate(conn: &mut PgConnection, device: DeviceId) -> CoreResult<Option<Candidate>> {
-    sqlx::query!("SET LOCAL enable_sort = off").execute(&mut *conn).await?;
     let row = sqlx::query_as!(
         CandidateRow,
         r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held, r.device_id,
@@ -270,7 +270,7 @@ pub async fn claim_for_device(
     ttl: Duration,
 ) -> CoreResult<Option<Claimed>> {
     let mut tx = pool.begin().await?;
-    if !devices::lock_if_claimable(&mut tx, device).await? {
+    if !devices::lock_for_hand_off(&mut tx, device).await? {
         return Ok(None);
     }
     let claimed = hand_over(&mut tx, device, owner, ttl).await?;
@@ -278,8 +278,8 @@ pub async fn claim_for_device(
     Ok(claimed)
 }
 
-/// Gives a locked, claimable device to the best queued run it can serve, on the
-/// caller's transaction; a candidate whose stored data is unreadable is ended on the way.
+/// Gives a device locked by `devices::lock_for_hand_off` to the best queued run it can
+/// serve, on the caller's transaction; a candidate whose stored data is unreadable is ended on the way.
 async fn hand_over(
     conn: &mut PgConnection,
     device: DeviceId,
@@ -467,7 +467,7 @@ pub async fn finish(
     let device = claimed.device.id;
     devices::release(&mut tx, device, run, owner, effect, policy.breaker, seen).await?;
     let next = match hand_off {
-        Some(ttl) if devices::lock_if_claimable(&mut tx, device).await? => {
+        Some(ttl) if devices::lock_for_hand_off(&mut tx, device).await? => {
             hand_over(&mut tx, device, owner, ttl).await?
         }
         _ => None,
