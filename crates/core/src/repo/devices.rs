@@ -347,60 +347,44 @@ pub async fn any_matching(conn: &mut PgConnection, selector: &Selector) -> CoreR
 
 /// The best free device matching `selector`, locked for the caller's transaction:
 /// closed breakers before cooled-down open ones, then the longest idle.
-pub(crate) async fn pick_claimable(conn: &mut PgConnection, selector: &Selector) -> CoreResult<Option<DeviceId>> {
-    Ok(sqlx::query_scalar!(
-        "SELECT d.id FROM devices d WHERE device_claimable(d) AND selector_matches($1, d)
+pub(crate) async fn pick_claimable(conn: &mut PgConnection, selector: &Selector) -> CoreResult<Option<Device>> {
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "SELECT d.* FROM devices d WHERE device_claimable(d) AND selector_matches($1, d)
          ORDER BY (d.breaker_state = 'closed') DESC, d.updated_at, d.id LIMIT 1 FOR UPDATE SKIP LOCKED",
         selector.to_json()
     )
     .fetch_optional(&mut *conn)
-    .await?)
+    .await?;
+    Ok(row.map(Device::from))
 }
 
 /// Locks the device if it is free to take a run now, for a hand-off
-/// (`runs::leasing::hand_over`), and then switches sorting off for the rest of the
+/// (`runs::leasing::hand_over`), and switches sorting off for the rest of the
 /// transaction, as the hand-off's walk of the queue needs (see `next_candidate` there):
-/// `set_config(..., true)` is `SET LOCAL`, here without a round trip of its own, and
-/// only when there is a hand-off to make.
-pub(crate) async fn lock_for_hand_off(conn: &mut PgConnection, id: DeviceId) -> CoreResult<bool> {
-    let found = sqlx::query_scalar!(
-        r#"SELECT set_config('enable_sort', 'off', true) AS "sorting!"
-           FROM devices d WHERE d.id = $1 AND device_claimable(d) FOR UPDATE SKIP LOCKED"#,
+/// `set_config(..., true)` is `SET LOCAL`, here without a round trip of its own.
+pub(crate) async fn lock_for_hand_off(conn: &mut PgConnection, id: DeviceId) -> CoreResult<Option<Device>> {
+    let row = sqlx::query_as!(
+        DeviceRow,
+        "SELECT d.* FROM devices d
+         WHERE d.id = $1 AND device_claimable(d) AND set_config('enable_sort', 'off', true) = 'off'
+         FOR UPDATE SKIP LOCKED",
         id as DeviceId
     )
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(found.is_some())
+    Ok(row.map(Device::from))
 }
 
-/// Leases a locked, claimable device to `run` for `owner`. A run that touches the
-/// device (`may_probe`) turns a cooled-down open breaker half-open: it is the probe.
-/// Returns the device and whether this run is the probe.
-pub(crate) async fn lease(
-    conn: &mut PgConnection,
-    id: DeviceId,
-    run: RunId,
-    owner: &str,
-    ttl: Duration,
-    may_probe: bool,
-) -> CoreResult<(Device, bool)> {
-    let row = sqlx::query_as!(
-        DeviceRow,
-        "UPDATE devices SET lease_run_id = $2, lease_owner = $3, lease_expires_at = now() + make_interval(secs => $4),
-            breaker_state = CASE WHEN breaker_state = 'open' AND $5 THEN 'half_open' ELSE breaker_state END,
-            updated_at = now()
-         WHERE id = $1 RETURNING *",
-        id as DeviceId,
-        run as RunId,
-        owner,
-        ttl.as_secs_f64(),
-        may_probe,
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    // Only an open breaker turns half-open here (a half-open device is not claimable).
-    let probe = may_probe && row.breaker_state == BreakerState::HalfOpen;
-    Ok((row.into(), probe))
+/// The breaker a locked, claimable device gets with its lease, and whether the run is
+/// its probe: a run that touches the device (`may_probe`) turns a cooled-down open
+/// breaker half-open. (A half-open device is not claimable, so only `open` turns.)
+pub(crate) fn leased_breaker(device: &Device, may_probe: bool) -> (BreakerState, bool) {
+    if may_probe && device.breaker.state == BreakerState::Open {
+        (BreakerState::HalfOpen, true)
+    } else {
+        (device.breaker.state, false)
+    }
 }
 
 /// Extends the lease of the device `run` holds for `owner`.

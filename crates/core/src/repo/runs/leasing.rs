@@ -220,7 +220,7 @@ async fn claim_locked(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> 
         Ok(d) => d,
         Err(error) => return abandon_unreadable(tx, &c, error).await,
     };
-    let claimed = assign(&mut tx, run, device, owner, ttl, definition.touches_device()).await?;
+    let claimed = assign(&mut tx, run, &device, owner, ttl, definition.touches_device()).await?;
     tx.commit().await?;
     Ok(ClaimOutcome::Claimed(Box::new(claimed)))
 }
@@ -270,10 +270,8 @@ pub async fn claim_for_device(
     ttl: Duration,
 ) -> CoreResult<Option<Claimed>> {
     let mut tx = pool.begin().await?;
-    if !devices::lock_for_hand_off(&mut tx, device).await? {
-        return Ok(None);
-    }
-    let claimed = hand_over(&mut tx, device, owner, ttl).await?;
+    let Some(device) = devices::lock_for_hand_off(&mut tx, device).await? else { return Ok(None) };
+    let claimed = hand_over(&mut tx, &device, owner, ttl).await?;
     tx.commit().await?;
     Ok(claimed)
 }
@@ -282,12 +280,12 @@ pub async fn claim_for_device(
 /// serve, on the caller's transaction; a candidate whose stored data is unreadable is ended on the way.
 async fn hand_over(
     conn: &mut PgConnection,
-    device: DeviceId,
+    device: &Device,
     owner: &str,
     ttl: Duration,
 ) -> CoreResult<Option<Claimed>> {
     loop {
-        let Some(c) = next_candidate(conn, device).await? else { return Ok(None) };
+        let Some(c) = next_candidate(conn, device.id).await? else { return Ok(None) };
         // The query applies the same rule; should they ever disagree, hand nothing
         // over rather than pick the same row again.
         if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
@@ -305,21 +303,28 @@ async fn hand_over(
     }
 }
 
-/// Leases the (locked, claimable) device and starts the (locked, queued) run.
+/// Leases the (locked, claimable) device and starts the (locked, queued) run, in one
+/// statement. The device as the claim holds it is the locked row with that lease and
+/// breaker: nothing else of it changes in the statement.
 async fn assign(
     conn: &mut PgConnection,
     run: RunId,
-    device: DeviceId,
+    device: &Device,
     owner: &str,
     ttl: Duration,
     touches: bool,
 ) -> CoreResult<Claimed> {
-    let (device, probe) = devices::lease(conn, device, run, owner, ttl, touches).await?;
+    let (breaker, probe) = devices::leased_breaker(device, touches);
     let started = json!({"device_id": device.id, "serial": device.serial, "worker": owner, "probe": probe});
-    let run = transitions::start(conn, run, device.id, owner, ttl, started).await?;
+    let run = transitions::start(conn, run, device, owner, ttl, breaker, started).await?;
     if probe {
         crate::meters::breaker_transition(device.id, "half_open");
     }
+    let mut device = device.clone();
+    device.breaker.state = breaker;
+    // The same lease as the run's: same holder, same `now() + ttl`.
+    device.lease = run.lease.clone();
+    device.updated_at = run.updated_at;
     Ok(Claimed { attempt: run.attempt, run, device, probe })
 }
 
@@ -467,10 +472,11 @@ pub async fn finish(
     let device = claimed.device.id;
     devices::release(&mut tx, device, run, owner, effect, policy.breaker, seen).await?;
     let next = match hand_off {
-        Some(ttl) if devices::lock_for_hand_off(&mut tx, device).await? => {
-            hand_over(&mut tx, device, owner, ttl).await?
-        }
-        _ => None,
+        Some(ttl) => match devices::lock_for_hand_off(&mut tx, device).await? {
+            Some(free) => hand_over(&mut tx, &free, owner, ttl).await?,
+            None => None,
+        },
+        None => None,
     };
     tx.commit().await?;
     Ok((finished, next))

@@ -11,9 +11,9 @@ use sqlx::{PgConnection, types::Json};
 use crate::{
     CoreResult,
     events::{EventKind, Subject},
-    ids::{DeviceId, RunId},
+    ids::{DeviceId, HostId, RunId},
     lifecycle::{RunState, run_state},
-    model::{Run, RunKind, RunStatus, RunStep, StepStatus},
+    model::{BreakerState, Device, Run, RunKind, RunStatus, RunStep, StepStatus},
     repo::{events, runs::RunRow},
     run_error::RunError,
 };
@@ -48,7 +48,9 @@ pub(crate) async fn lock(conn: &mut PgConnection, id: RunId) -> CoreResult<Optio
     Ok(row.map(|r| Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner }))
 }
 
-/// `queued → running` on `device` under `owner`'s lease, with `run.started`.
+/// `queued → running` on `device` under `owner`'s lease, with `run.started`, and the
+/// device leased to the run with its breaker at `breaker` (`devices::leased_breaker`
+/// decides), in one statement.
 ///
 /// `started_at` is the clock at this statement, not the transaction's start (`now()`):
 /// a claim may have waited for a row lock, and its run starts only once the device is
@@ -57,28 +59,34 @@ pub(crate) async fn lock(conn: &mut PgConnection, id: RunId) -> CoreResult<Optio
 pub(crate) async fn start(
     conn: &mut PgConnection,
     id: RunId,
-    device: DeviceId,
+    device: &Device,
     owner: &str,
     ttl: Duration,
+    breaker: BreakerState,
     started: Value,
 ) -> CoreResult<Run> {
     let row = sqlx::query_as!(
         RunRow,
-        "WITH r AS (
-            UPDATE runs SET status = 'running', device_id = $2, lease_owner = $3,
-                host_id = (SELECT host_id FROM devices WHERE id = $2),
+        "WITH d AS (
+            UPDATE devices SET lease_run_id = $1, lease_owner = $3, lease_expires_at = now() + make_interval(secs => $4),
+                breaker_state = $7, updated_at = now()
+            WHERE id = $2 RETURNING id),
+         r AS (
+            UPDATE runs SET status = 'running', device_id = d.id, lease_owner = $3, host_id = $8,
                 lease_expires_at = now() + make_interval(secs => $4), started_at = clock_timestamp(), finished_at = NULL,
                 not_before = NULL, updated_at = now()
-            WHERE id = $1 AND status = 'queued' RETURNING *),
+            FROM d WHERE runs.id = $1 AND runs.status = 'queued' RETURNING runs.*),
          e AS (INSERT INTO events (type, run_id, device_id, data)
                SELECT $5, r.id, r.device_id, $6 || jsonb_build_object('attempt', r.attempt) FROM r)
          SELECT * FROM r",
         id as RunId,
-        device as DeviceId,
+        device.id as DeviceId,
         owner,
         ttl.as_secs_f64(),
         EventKind::RunStarted as EventKind,
         started,
+        breaker as BreakerState,
+        device.host_id as Option<HostId>,
     )
     .fetch_one(&mut *conn)
     .await?;
