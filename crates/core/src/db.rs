@@ -46,28 +46,37 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> CoreResult<PgPool> {
         .connect_lazy_with(options(url)?))
 }
 
-/// Every custom type of the schema, and its array: what `warm_types` resolves.
-const CUSTOM_TYPES: &str = "SELECT NULL::run_status, NULL::run_status[], NULL::run_kind, NULL::run_kind[],
-    NULL::run_trigger, NULL::run_trigger[], NULL::step_status, NULL::step_status[],
-    NULL::device_status, NULL::device_status[], NULL::device_driver, NULL::device_driver[],
-    NULL::breaker_state, NULL::breaker_state[], NULL::host_status, NULL::host_status[],
-    NULL::schedule_misfire, NULL::schedule_misfire[], NULL::schedule_overlap, NULL::schedule_overlap[],
-    NULL::token_role, NULL::token_role[], NULL::process_role, NULL::process_role[],
-    NULL::device_status_source, NULL::device_status_source[]";
-
-/// Brings the schema's custom types into a new connection's type cache, in one catalog
-/// query, before the pool hands the connection out.
+/// Brings the schema's custom types into a new connection's type cache, before the
+/// pool hands the connection out: the catalog names them (every enum of the schema,
+/// so a type a migration adds is warmed too), and one statement that returns a value
+/// of each, and of each array, makes sqlx resolve them all in one lookup.
 ///
 /// Why: sqlx looks a custom type up the first time a statement on a connection uses
 /// it, in the middle of whatever transaction is running. Under load that catalog query
 /// took 0.46 s on average and up to 2 s (`pg_stat_statements`, `switchboard bench`),
 /// while the transaction held its row locks (claims of those runs waited behind it)
 /// and its xid (every event committed meanwhile waited to reach the feed). A database
-/// not yet migrated has no such types: the warm-up is skipped and types are looked up
-/// as before.
+/// not yet migrated has no such types: nothing is warmed and types are looked up as
+/// before. A failed warm-up only costs that, so it never fails the connection.
 async fn warm_types(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    if let Err(e) = sqlx::query(CUSTOM_TYPES).fetch_optional(&mut *conn).await {
-        tracing::debug!(error = %e, "custom types not warmed on a new connection (not migrated yet?)");
+    let columns = sqlx::query_scalar!(
+        r#"SELECT string_agg(format('NULL::%I.%I, NULL::%I.%I[]', n.nspname, t.typname, n.nspname, t.typname), ', ')
+                  AS "columns"
+           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+           WHERE t.typtype = 'e' AND n.nspname = current_schema()"#
+    )
+    .fetch_one(&mut *conn)
+    .await;
+    let warmed = match columns {
+        Ok(Some(columns)) => {
+            // Runtime SQL: type names from the catalog, quoted by format('%I').
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {columns}"))).fetch_optional(&mut *conn).await.map(|_| ())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = warmed {
+        tracing::debug!(error = %e, "custom types not warmed on a new connection");
     }
     Ok(())
 }
