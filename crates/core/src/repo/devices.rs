@@ -474,13 +474,12 @@ async fn write_release(
     expected: Option<&BreakerRow>,
     next: &BreakerRow,
 ) -> CoreResult<bool> {
-    let e = expected.copied().unwrap_or(*next);
     let done = sqlx::query!(
         "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
             breaker_state = $4, breaker_failures = $5, breaker_trips = $6, breaker_open_until = $7, updated_at = now()
          WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3
-           AND (NOT $8 OR (breaker_state = $9 AND breaker_failures = $10 AND breaker_trips = $11
-                           AND breaker_open_until IS NOT DISTINCT FROM $12))",
+           AND ($8::breaker_state IS NULL OR (breaker_state = $8 AND breaker_failures = $9 AND breaker_trips = $10
+                                              AND breaker_open_until IS NOT DISTINCT FROM $11))",
         id as DeviceId,
         run as RunId,
         owner,
@@ -488,11 +487,10 @@ async fn write_release(
         next.failures,
         next.trips,
         next.open_until,
-        expected.is_some(),
-        e.state as BreakerState,
-        e.failures,
-        e.trips,
-        e.open_until,
+        expected.map(|e| e.state) as Option<BreakerState>,
+        expected.map(|e| e.failures),
+        expected.map(|e| e.trips),
+        expected.and_then(|e| e.open_until),
     )
     .execute(&mut *conn)
     .await?;

@@ -277,7 +277,8 @@ pub async fn claim_for_device(
 }
 
 /// Gives a device locked by `devices::lock_for_hand_off` to the best queued run it can
-/// serve, on the caller's transaction; a candidate whose stored data is unreadable is ended on the way.
+/// serve, on the caller's transaction; a candidate whose stored data is unreadable is
+/// ended on the way.
 async fn hand_over(
     conn: &mut PgConnection,
     device: &Device,
