@@ -241,3 +241,152 @@ async fn a_pile_of_9000_pushed_runs_does_not_stall_the_workers() {
     .await;
     pg.close().await;
 }
+
+/// Outcomes that end together are written together (issue 13), and each keeps its own
+/// fate: its own status, step, single `run.finished`, released device and breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_written_together_each_keep_their_own_fate() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    // One finish transaction at a time: whatever ends meanwhile has to share the next.
+    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "32"), ("SWITCHBOARD_FINISH_LANES", "1")]);
+    for i in 0..8 {
+        api.device(&format!("fin-ok-{i}"), "fin-ok", json!({})).await;
+    }
+    api.device("fin-fail-0", "fin-fail", json!({"fail_rate": 1.0})).await;
+    api.device("fin-fail-1", "fin-fail", json!({"fail_rate": 1.0})).await;
+    let bad = api.device("fin-err-0", "fin-err", json!({"error_rate": 1.0})).await;
+    let ping =
+        |pool: &str| json!({"module": "ping", "params": {"count": 1}, "device": {"pool": pool}, "max_attempts": 1});
+    let mut items: Vec<Value> = (0..90).map(|_| ping("fin-ok")).collect();
+    items.extend((0..12).map(|_| ping("fin-fail")));
+    items.extend((0..2).map(|_| ping("fin-err")));
+    let (status, started) = batch(&api, Value::Array(items)).await;
+    assert_eq!(status, 202, "{}", started["error"]);
+    let pg = env.pg().await;
+    crate::harness::eventually(Duration::from_secs(60), "every run to end", || {
+        let pg = pg.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    let by_pool: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT r.selector ->> 'pool', r.status::text, s.status::text, count(*) FROM runs r
+         JOIN run_steps s ON s.run_id = r.id AND s.idx = 0 GROUP BY 1, 2, 3 ORDER BY 1",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let expected = [
+        ("fin-err", "errored", "errored", 2),
+        ("fin-fail", "failed", "failed", 12),
+        ("fin-ok", "succeeded", "passed", 90),
+    ];
+    let expected: Vec<(String, String, String, i64)> =
+        expected.iter().map(|(p, r, s, n)| (p.to_string(), r.to_string(), s.to_string(), *n)).collect();
+    assert_eq!(by_pool, expected);
+    // One run.finished per run, saying its own status.
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs r WHERE (SELECT count(*) FROM events e WHERE e.run_id = r.id AND e.type = 'run.finished'
+             AND e.data ->> 'status' = r.status::text) <> 1",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(wrong, 0, "runs without exactly one matching run.finished");
+    // Every device released; the bad one's breaker counted both errors, the rest none.
+    let leased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").fetch_one(&pg).await.unwrap();
+    assert_eq!(leased, 0);
+    let d = api.get(&format!("/api/v1/devices/{}", bad["id"].as_str().unwrap())).await.body;
+    assert_eq!(d["breaker"]["consecutive_failures"], 2, "{d}");
+    let counted: i64 = sqlx::query_scalar("SELECT sum(breaker_failures) FROM devices WHERE serial <> 'fin-err-0'")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(counted, 0);
+    // And they were written together: fewer finish transactions than runs (rows one
+    // transaction inserted share its xmin).
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.finished'")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert!(transactions < 104, "{transactions} finish transactions for 104 runs: none shared");
+    pg.close().await;
+}
+
+/// Deliveries taken together are claimed together (issue 13): one read and one
+/// transaction for several runs, each still on its own device, and the runs whose
+/// only device is taken left queued, holding nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    for i in 0..24 {
+        api.device(&format!("claim-{i}"), "claim", json!({})).await;
+    }
+    api.device("claim-one", "claim-one", json!({})).await;
+    let sleep = |pool: &str| json!({"module": "sleep", "params": {"ms": 1500}, "device": {"pool": pool}});
+    let mut items: Vec<Value> = (0..24).map(|_| sleep("claim")).collect();
+    items.extend((0..3).map(|_| sleep("claim-one")));
+    let (status, started) = batch(&api, Value::Array(items)).await;
+    assert_eq!(status, 202, "{}", started["error"]);
+    // Pushed before any worker runs: the worker's first fetch delivers them at once.
+    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "32")]);
+    let pg = env.pg().await;
+    let (running, devices): (i64, i64) =
+        crate::harness::eventually(Duration::from_secs(30), "25 runs running at once", || {
+            let pg = pg.clone();
+            async move {
+                let r: (i64, i64) =
+                    sqlx::query_as("SELECT count(*), count(DISTINCT device_id) FROM runs WHERE status = 'running'")
+                        .fetch_one(&pg)
+                        .await
+                        .unwrap();
+                (r.0 == 25).then_some(r)
+            }
+        })
+        .await;
+    assert_eq!((running, devices), (25, 25), "each run on its own device");
+    let leases: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM devices d JOIN runs r ON r.id = d.lease_run_id AND r.device_id = d.id
+         WHERE r.status = 'running'",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(leases, 25, "each device leased to the run that runs on it");
+    let stranded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE selector ->> 'pool' = 'claim-one' AND status = 'queued' AND device_id IS NULL",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(stranded, 2, "runs whose one device is taken wait queued, holding nothing");
+    // The claims shared transactions: fewer than one per run started (rows one
+    // transaction inserted share its xmin).
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.started'")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert!(transactions < 25, "{transactions} claim transactions for 25 runs: none shared");
+    crate::harness::eventually(Duration::from_secs(30), "all 27 runs to succeed", || {
+        let pg = pg.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+            (n == 27).then_some(())
+        }
+    })
+    .await;
+    pg.close().await;
+}

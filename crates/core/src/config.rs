@@ -172,6 +172,14 @@ pub struct WorkerConfig {
     /// Longest retry delay (seconds).
     #[arg(long, env = "SWITCHBOARD_RETRY_MAX_S", default_value_t = 300)]
     pub retry_max_s: u64,
+    /// Outcomes written at once: the attempts that end together share one transaction
+    /// and one statement per kind of write, up to this many (1 writes each alone).
+    #[arg(long, env = "SWITCHBOARD_FINISH_BATCH_MAX", default_value_t = 32)]
+    pub finish_batch_max: usize,
+    /// Finish transactions in flight at once; outcomes that end while all are busy wait
+    /// and are written together in the next one.
+    #[arg(long, env = "SWITCHBOARD_FINISH_LANES", default_value_t = 4)]
+    pub finish_lanes: usize,
     /// Register what `adb devices -l` lists on this machine, and follow it (new phones
     /// join, vanished ones go offline, and come back when seen again).
     #[arg(long, env = "SWITCHBOARD_ADB_DISCOVER", default_value = "false", action = clap::ArgAction::Set,
@@ -251,12 +259,15 @@ impl WorkerConfig {
     /// One line for the start-up log.
     pub fn summary(&self) -> String {
         format!(
-            "concurrency={} poll_interval_ms={} shutdown_grace_s={} breaker_threshold={} breaker_cooldown_s={}",
+            "concurrency={} poll_interval_ms={} shutdown_grace_s={} breaker_threshold={} breaker_cooldown_s={} \
+             finish_batch_max={} finish_lanes={}",
             self.concurrency,
             self.poll_interval_ms,
             self.shutdown_grace_s,
             self.breaker_threshold,
-            self.breaker_cooldown_s
+            self.breaker_cooldown_s,
+            self.finish_batch_max,
+            self.finish_lanes,
         )
     }
 }

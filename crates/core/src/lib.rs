@@ -15,6 +15,7 @@ pub mod definition;
 pub mod error;
 pub mod events;
 pub mod formats;
+pub mod group;
 pub mod history;
 pub mod ids;
 pub mod junit;

@@ -21,7 +21,7 @@ use switchboard_core::{
     model::{RunStep, StepStatus},
     repo::{
         captures::{self, NewCapture},
-        runs::{self, Claimed, FinishPolicy, Finished, Outcome},
+        runs::{self, Claimed, FinishRequest, Finished, Outcome},
     },
     run_error::{ErrorKind, RunError},
     service::Engine,
@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    claimer::Claimer,
     drivers::{Capture, Captures, DriverError, Drivers, ModuleCall, Verdict},
+    finisher::Finisher,
     lease::{self, Attempt, Interrupt},
 };
 
@@ -48,8 +50,10 @@ pub struct Executor {
     pub drivers: Drivers,
     /// Lease TTL.
     pub lease_ttl: Duration,
-    /// Breaker and retry settings applied when an attempt ends.
-    pub policy: FinishPolicy,
+    /// Claims deliveries, several at once when they arrive together.
+    pub claimer: Claimer,
+    /// Writes outcomes, several at once when they end together.
+    pub finisher: Finisher,
     /// Cancelled when the shutdown grace period is over: in-flight runs are handed back.
     pub hand_back: CancellationToken,
     /// Cancelled when the worker stops taking work.
@@ -223,11 +227,15 @@ impl Executor {
 
     /// One write of the outcome, in a task of its own.
     fn write(&self, claimed: &Claimed, outcome: &Outcome, steps: &[RunStep]) -> Detached<(Finished, Option<Claimed>)> {
-        let (pool, owner, policy) = (self.pool.clone(), self.owner.clone(), self.policy);
-        let (claimed, outcome, steps) = (claimed.clone(), outcome.clone(), steps.to_vec());
-        // Hand the device over in the same commit, unless this worker is stopping.
-        let hand_off = (!self.stopping.is_cancelled()).then_some(self.lease_ttl);
-        Detached::spawn(async move { runs::finish(&pool, &claimed, &owner, &outcome, &steps, policy, hand_off).await })
+        let finisher = self.finisher.clone();
+        let request = FinishRequest {
+            claimed: claimed.clone(),
+            outcome: outcome.clone(),
+            steps: steps.to_vec(),
+            // Hand the device over in the same commit, unless this worker is stopping.
+            hand_off: (!self.stopping.is_cancelled()).then_some(self.lease_ttl),
+        };
+        Detached::spawn(async move { finisher.finish(request).await })
     }
 
     /// One module run: the module under the run's timeout, recorded as step 0.

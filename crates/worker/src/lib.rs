@@ -3,9 +3,11 @@
 //! freed device to the best waiting run.
 
 pub mod agent;
+pub mod claimer;
 pub mod discovery;
 pub mod drivers;
 pub mod executor;
+pub mod finisher;
 pub mod lease;
 pub mod wake;
 mod workflow;
@@ -25,19 +27,21 @@ use switchboard_core::{
     repo::{
         devices::BreakerPolicy,
         processes,
-        runs::{self, ClaimOutcome, FinishPolicy},
+        runs::{ClaimOutcome, FinishPolicy},
     },
     service::Engine,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    claimer::Claimer,
     drivers::{
         Drivers,
         adb::{AdbDriver, AdbSettings},
         host::HostDriver,
     },
     executor::Executor,
+    finisher::{FinishSettings, Finisher},
     wake::WakeHub,
 };
 
@@ -113,11 +117,18 @@ fn executor(pool: &sqlx::PgPool, queue: Queue, owner: &str, common: &CommonConfi
         ),
         capture_max_bytes: cfg.adb.capture_max_bytes.max(1024),
         lease_ttl: common.lease_ttl(),
-        policy: FinishPolicy {
-            breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
-            retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
-            retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
-        },
+        claimer: Claimer::start(pool.clone(), owner.to_string(), common.lease_ttl()),
+        finisher: Finisher::start(FinishSettings {
+            pool: pool.clone(),
+            owner: owner.to_string(),
+            policy: FinishPolicy {
+                breaker: BreakerPolicy { threshold: cfg.breaker_threshold, cooldown_s: cfg.breaker_cooldown_s as i64 },
+                retry_base: Duration::from_millis(cfg.retry_base_ms.max(1)),
+                retry_max: Duration::from_secs(cfg.retry_max_s.max(1)),
+            },
+            batch_max: cfg.finish_batch_max,
+            lanes: cfg.finish_lanes,
+        }),
         hand_back: CancellationToken::new(),
         stopping: CancellationToken::new(),
         inflight: Default::default(),
@@ -247,7 +258,7 @@ async fn handle(job: RunJob, shared: Data<Shared>) -> Result<(), BoxDynError> {
     let work = async move {
         let claimed_at = tokio::time::Instant::now();
         let span = executor::claim_span(job.run_id);
-        let outcome = runs::claim_with_recheck(&exec.pool, job.run_id, &exec.owner, exec.lease_ttl).await?;
+        let outcome = exec.claimer.claim(job.run_id).await?;
         if let ClaimOutcome::Claimed(c) = &outcome {
             executor::claimed(span, c);
         }

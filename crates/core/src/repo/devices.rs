@@ -419,30 +419,67 @@ pub(crate) struct SeenBreaker {
     pub now: DateTime<Utc>,
 }
 
-/// Frees the device `run` held for `owner` and applies `effect` to its breaker
-/// (`breaker::next` decides; this writes), with an event when the breaker opens or
-/// closes.
+/// A device to free at a finish: the run that held it, what the attempt says about
+/// it, and its breaker as the finish read it (`release_each`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Release {
+    /// The device.
+    pub device: DeviceId,
+    /// The run whose lease it holds.
+    pub run: RunId,
+    /// What the attempt says about the device.
+    pub effect: Effect,
+    /// Its breaker as read with the run's lock, if the device is still leased to it.
+    pub seen: Option<SeenBreaker>,
+}
+
+/// Frees the devices the finishing runs held for `owner` and applies each one's
+/// `effect` to its breaker (`breaker::next` decides; this writes), with an event when
+/// a breaker opens or closes.
 ///
-/// With `seen`, the decision is made on it and written only if the row still says so:
-/// one statement instead of a locked read and a write (the device row is the lease
-/// holder's to change; only an operator's reset or edit meanwhile makes the write miss,
-/// and then the locked read decides again).
-pub(crate) async fn release(
+/// Each decision is made on the breaker `seen` with the run's lock and written only if
+/// the row still says so, all in one statement: the device row is the lease holder's
+/// to change, so only an operator's reset or edit meanwhile makes a write miss, and
+/// then a locked read decides again for that device (`release`).
+pub(crate) async fn release_each(
+    conn: &mut PgConnection,
+    owner: &str,
+    policy: BreakerPolicy,
+    items: &[Release],
+) -> CoreResult<()> {
+    let decide =
+        |seen: SeenBreaker, effect| breaker::next(seen.row, effect, policy.threshold, policy.cooldown_s, seen.now);
+    let decided: Vec<(Release, BreakerRow, Option<Transition>)> = items
+        .iter()
+        .filter_map(|r| r.seen.map(|seen| (*r, decide(seen, r.effect))))
+        .map(|(r, (next, transition))| (r, next, transition))
+        .collect();
+    let writes: Vec<ReleaseWrite<'_>> = decided
+        .iter()
+        .map(|(r, next, _)| ReleaseWrite { id: r.device, run: r.run, expected: r.seen.as_ref().map(|s| &s.row), next })
+        .collect();
+    let written = write_releases(conn, owner, &writes).await?;
+    for item in items {
+        match decided.iter().find(|(r, _, _)| r.device == item.device) {
+            Some((_, next, transition)) if written.contains(&item.device) => {
+                record_transition(conn, item.device, item.run, next, *transition).await?
+            }
+            _ => release(conn, item.device, item.run, owner, item.effect, policy).await?,
+        }
+    }
+    Ok(())
+}
+
+/// `release_each`'s locked path for one device: its breaker read under the row lock,
+/// decided on and written.
+async fn release(
     conn: &mut PgConnection,
     id: DeviceId,
     run: RunId,
     owner: &str,
     effect: Effect,
     policy: BreakerPolicy,
-    seen: Option<SeenBreaker>,
 ) -> CoreResult<()> {
-    let decide = |seen: SeenBreaker| breaker::next(seen.row, effect, policy.threshold, policy.cooldown_s, seen.now);
-    if let Some(seen) = seen {
-        let (next, transition) = decide(seen);
-        if write_release(conn, id, run, owner, Some(&seen.row), &next).await? {
-            return record_transition(conn, id, run, &next, transition).await;
-        }
-    }
     let row = sqlx::query!(
         r#"SELECT breaker_state, breaker_failures, breaker_trips, breaker_open_until, now() AS "now!"
            FROM devices WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3 FOR UPDATE"#,
@@ -459,42 +496,59 @@ pub(crate) async fn release(
         trips: row.breaker_trips,
         open_until: row.breaker_open_until,
     };
-    let (next, transition) = decide(SeenBreaker { row: current, now: row.now });
-    write_release(conn, id, run, owner, None, &next).await?;
+    let (next, transition) = breaker::next(current, effect, policy.threshold, policy.cooldown_s, row.now);
+    let write = ReleaseWrite { id, run, expected: None, next: &next };
+    write_releases(conn, owner, &[write]).await?;
     record_transition(conn, id, run, &next, transition).await
 }
 
-/// Clears the lease `run` holds for `owner` and writes the breaker `next`, only if the
-/// breaker is still `expected` (when given). Whether the row was written.
-async fn write_release(
-    conn: &mut PgConnection,
+/// One device's release: its lease to clear, and the breaker `next` to write, only if
+/// the breaker is still `expected` (when given).
+struct ReleaseWrite<'a> {
     id: DeviceId,
     run: RunId,
+    expected: Option<&'a BreakerRow>,
+    next: &'a BreakerRow,
+}
+
+/// Clears the leases the runs hold for `owner` and writes their devices' breakers, in
+/// one statement. Returns the devices written.
+async fn write_releases(
+    conn: &mut PgConnection,
     owner: &str,
-    expected: Option<&BreakerRow>,
-    next: &BreakerRow,
-) -> CoreResult<bool> {
-    let done = sqlx::query!(
-        "UPDATE devices SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
-            breaker_state = $4, breaker_failures = $5, breaker_trips = $6, breaker_open_until = $7, updated_at = now()
-         WHERE id = $1 AND lease_run_id = $2 AND lease_owner = $3
-           AND ($8::breaker_state IS NULL OR (breaker_state = $8 AND breaker_failures = $9 AND breaker_trips = $10
-                                              AND breaker_open_until IS NOT DISTINCT FROM $11))",
-        id as DeviceId,
-        run as RunId,
+    writes: &[ReleaseWrite<'_>],
+) -> CoreResult<std::collections::HashSet<DeviceId>> {
+    if writes.is_empty() {
+        return Ok(Default::default());
+    }
+    let expected = |f: &dyn Fn(&BreakerRow) -> i32| writes.iter().map(|w| w.expected.map(f)).collect::<Vec<_>>();
+    let done = sqlx::query_scalar!(
+        r#"UPDATE devices d SET lease_run_id = NULL, lease_owner = NULL, lease_expires_at = NULL,
+              breaker_state = x.state::breaker_state, breaker_failures = x.failures, breaker_trips = x.trips,
+              breaker_open_until = x.open_until, updated_at = now()
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[], $7::text[],
+                       $8::int4[], $9::int4[], $10::timestamptz[])
+                AS x(id, run, state, failures, trips, open_until, was_state, was_failures, was_trips, was_open_until)
+           WHERE d.id = x.id AND d.lease_run_id = x.run AND d.lease_owner = $11
+             AND (x.was_state IS NULL OR (d.breaker_state = x.was_state::breaker_state
+                  AND d.breaker_failures = x.was_failures AND d.breaker_trips = x.was_trips
+                  AND d.breaker_open_until IS NOT DISTINCT FROM x.was_open_until))
+           RETURNING d.id AS "id: DeviceId""#,
+        &writes.iter().map(|w| w.id.0).collect::<Vec<_>>(),
+        &writes.iter().map(|w| w.run.0).collect::<Vec<_>>(),
+        &writes.iter().map(|w| w.next.state.to_string()).collect::<Vec<_>>(),
+        &writes.iter().map(|w| w.next.failures).collect::<Vec<_>>(),
+        &writes.iter().map(|w| w.next.trips).collect::<Vec<_>>(),
+        &writes.iter().map(|w| w.next.open_until).collect::<Vec<_>>() as _,
+        &writes.iter().map(|w| w.expected.map(|e| e.state.to_string())).collect::<Vec<_>>() as _,
+        &expected(&|e| e.failures) as _,
+        &expected(&|e| e.trips) as _,
+        &writes.iter().map(|w| w.expected.and_then(|e| e.open_until)).collect::<Vec<_>>() as _,
         owner,
-        next.state as BreakerState,
-        next.failures,
-        next.trips,
-        next.open_until,
-        expected.map(|e| e.state) as Option<BreakerState>,
-        expected.map(|e| e.failures),
-        expected.map(|e| e.trips),
-        expected.and_then(|e| e.open_until),
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.into_iter().collect())
 }
 
 /// The event and meter of a breaker that opened or closed on release.

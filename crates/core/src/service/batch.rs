@@ -7,11 +7,10 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
-
 use crate::{
     CoreError, CoreResult,
     error::FieldErrors,
+    group::{Group, GroupSettings},
     ids::{RunId, WorkflowId},
     launch,
     model::Run,
@@ -39,81 +38,30 @@ pub enum StartItem {
     Workflow(StartWorkflow),
 }
 
-struct Pending {
-    new: NewRun,
-    reply: oneshot::Sender<CoreResult<Option<Run>>>,
-}
-
 /// Gathers concurrent starts into shared INSERTs (see the module's doc).
 pub(crate) struct GroupCommit {
-    tx: mpsc::UnboundedSender<Pending>,
+    group: Group<NewRun, Option<Run>>,
 }
 
 impl GroupCommit {
     /// Starts the gathering task. A start waits at most `window` for others to join
     /// it, and not at all when none is being written: an idle API adds no delay, a busy
-    /// one writes what gathered while the previous INSERT ran.
+    /// one writes what gathered while the previous INSERT ran. Should a shared INSERT
+    /// fail, each of its starts is written alone: one start's fault (a schedule deleted
+    /// meanwhile) never fails the others.
     pub(crate) fn spawn(engine: Engine, window: Duration) -> Arc<GroupCommit> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(gather(engine, rx, window));
-        Arc::new(GroupCommit { tx })
+        let settings = GroupSettings { what: "starts", lanes: IN_FLIGHT, max: MAX_BATCH, window };
+        let group = Group::spawn(settings, move |news: Arc<Vec<NewRun>>| {
+            let engine = engine.clone();
+            async move { insert_and_push(&engine, &news).await }
+        });
+        Arc::new(GroupCommit { group })
     }
 
     /// Inserts `new` with whatever starts arrive with it, and pushes it; `None` when
     /// its idempotency key was taken.
     pub(crate) async fn insert(&self, new: NewRun) -> CoreResult<Option<Run>> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Pending { new, reply })
-            .map_err(|_| CoreError::Unavailable("the run writer has stopped".into()))?;
-        answer.await.map_err(|_| CoreError::Internal("the run writer dropped a start".into()))?
-    }
-}
-
-async fn gather(engine: Engine, mut rx: mpsc::UnboundedReceiver<Pending>, window: Duration) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        // Waiting for a slot is where a busy API's starts gather.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + window;
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) if window.is_zero() => break,
-                Err(_) => match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(p)) => batch.push(p),
-                    _ => break,
-                },
-            }
-        }
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            write(&engine, batch).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Writes a gathered batch in one statement and answers each start. Should the
-/// statement fail, each start is written alone: one start's fault (a schedule deleted
-/// meanwhile) never fails the others.
-async fn write(engine: &Engine, batch: Vec<Pending>) {
-    let (news, replies): (Vec<NewRun>, Vec<_>) = batch.into_iter().map(|p| (p.new, p.reply)).unzip();
-    match insert_and_push(engine, &news).await {
-        Ok(made) => replies.into_iter().zip(made).for_each(|(reply, m)| drop(reply.send(Ok(m)))),
-        Err(e) if news.len() == 1 => {
-            if let Some(reply) = replies.into_iter().next() {
-                let _ = reply.send(Err(e));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(runs = news.len(), error = %e, "a group commit failed; writing its starts one by one");
-            for (new, reply) in news.into_iter().zip(replies) {
-                let one = insert_and_push(engine, std::slice::from_ref(&new)).await;
-                let _ = reply.send(one.map(|mut m| m.pop().flatten()));
-            }
-        }
+        self.group.submit(new).await
     }
 }
 

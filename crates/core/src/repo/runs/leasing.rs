@@ -7,7 +7,7 @@
 //! publishes its state before it looks at the other's, so one of them always sees the
 //! other.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -103,21 +103,23 @@ impl From<CandidateRow> for Candidate {
     }
 }
 
-async fn lock_candidate(conn: &mut PgConnection, id: RunId) -> CoreResult<Option<Candidate>> {
-    // Wait for the row rather than SKIP LOCKED: every other writer of a run row (the
+/// Locks the runs to claim, in id order (two claimers never wait on each other in a
+/// cycle).
+async fn lock_candidates(conn: &mut PgConnection, ids: &[RunId]) -> CoreResult<HashMap<RunId, Candidate>> {
+    // Wait for the rows rather than SKIP LOCKED: every other writer of a run row (the
     // API recording its dispatch, a cancel, another claimer) holds it for a moment,
     // and skipping would drop this delivery while the run stays queued.
-    let row = sqlx::query_as!(
+    let rows = sqlx::query_as!(
         CandidateRow,
         r#"SELECT id, status, kind, attempt, max_attempts, paused, cancel_requested, held, device_id, lease_owner,
                   not_before, (not_before IS NULL OR not_before <= now()) AS "due!",
                   selector AS "selector: Value", definition AS "definition: Value"
-           FROM runs WHERE id = $1 FOR UPDATE"#,
-        id as RunId
+           FROM runs WHERE id = ANY ($1) ORDER BY id FOR UPDATE"#,
+        ids as &[RunId]
     )
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(row.map(Candidate::from))
+    Ok(rows.into_iter().map(|r| (r.id, Candidate::from(r))).collect())
 }
 
 /// The best queued run (priority, then age) a locked device can serve, locked
@@ -172,37 +174,79 @@ fn definition_of(c: &Candidate) -> Result<RunDefinition, RunError> {
     Ok(definition)
 }
 
-/// Claims a queued run and a free matching device.
-///
-/// The run is read first without a lock: a delivery whose run is no longer claimable
-/// (most often one a release hand-off already started, see `finish`) or not yet due is
-/// answered from that read, with no transaction and no wait for a row lock the
-/// hand-off still holds (12.5 ms a delivery on average under `bench`, before). Only a
-/// run that looks claimable is claimed under its lock (`claim_locked`), which decides
-/// again on what it locked.
+/// Claims a queued run and a free matching device (`claim_many` of one).
 pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
-    let row = sqlx::query!(
-        r#"SELECT status AS "status: RunStatus", kind AS "kind: RunKind", attempt, max_attempts, paused,
-                  cancel_requested, held, not_before, (not_before IS NULL OR not_before <= now()) AS "due!"
-           FROM runs WHERE id = $1"#,
-        run as RunId
-    )
-    .fetch_optional(pool)
-    .await?;
-    let Some(r) = row else { return Ok(ClaimOutcome::NotClaimable) };
-    match lifecycle::decide(run_state!(r), Command::Claim { due: r.due }) {
-        Decision::Start => claim_locked(pool, run, owner, ttl).await,
-        Decision::NotYet => Ok(ClaimOutcome::NotYet(r.not_before.unwrap_or_else(Utc::now))),
-        _ => Ok(ClaimOutcome::NotClaimable),
-    }
+    let mut outcomes = claim_many(pool, &[run], owner, ttl).await?;
+    Ok(outcomes.pop().unwrap_or(ClaimOutcome::NotClaimable))
 }
 
-/// `claim` under the run's row lock, in one transaction: the run is locked and decided
-/// on, a device picked and leased, the run started. The snapshot is read only once a
-/// device is found (most deliveries of a busy pool find none).
-async fn claim_locked(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
+/// Claims the delivered runs, each with a free matching device; per run, in order,
+/// what its delivery found.
+///
+/// The runs are read first without a lock, in one statement: a delivery whose run is
+/// no longer claimable (most often one a release hand-off already started, see
+/// `finish`) or not yet due is answered from that read, with no transaction and no
+/// wait for a row lock the hand-off still holds (12.5 ms a delivery on average under
+/// `bench`, before). Only the runs that look claimable are claimed under their locks,
+/// together (`claim_locked`), each decided again on what was locked.
+pub async fn claim_many(pool: &PgPool, runs: &[RunId], owner: &str, ttl: Duration) -> CoreResult<Vec<ClaimOutcome>> {
+    let rows = sqlx::query!(
+        r#"SELECT id, status AS "status: RunStatus", kind AS "kind: RunKind", attempt, max_attempts, paused,
+                  cancel_requested, held, not_before, (not_before IS NULL OR not_before <= now()) AS "due!"
+           FROM runs WHERE id = ANY ($1)"#,
+        runs as &[RunId]
+    )
+    .fetch_all(pool)
+    .await?;
+    let rows: HashMap<RunId, _> = rows.into_iter().map(|r| (r.id, r)).collect();
+    let mut outcomes: Vec<Option<ClaimOutcome>> = Vec::with_capacity(runs.len());
+    let mut claimable = Vec::new();
+    for run in runs {
+        outcomes.push(match rows.get(run) {
+            None => Some(ClaimOutcome::NotClaimable),
+            Some(r) => match lifecycle::decide(run_state!(r), Command::Claim { due: r.due }) {
+                Decision::Start => {
+                    claimable.push(*run);
+                    None
+                }
+                Decision::NotYet => Some(ClaimOutcome::NotYet(r.not_before.unwrap_or_else(Utc::now))),
+                _ => Some(ClaimOutcome::NotClaimable),
+            },
+        });
+    }
+    let mut locked = claim_locked(pool, &claimable, owner, ttl).await?.into_iter();
+    Ok(outcomes.into_iter().map(|o| o.or_else(|| locked.next()).unwrap_or(ClaimOutcome::NotClaimable)).collect())
+}
+
+/// `claim_many` under the runs' row locks, in one transaction: each run is decided on
+/// what was locked, a device picked and leased, the run started. A snapshot is read
+/// only once a device is found (most deliveries of a busy pool find none).
+async fn claim_locked(pool: &PgPool, runs: &[RunId], owner: &str, ttl: Duration) -> CoreResult<Vec<ClaimOutcome>> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut tx = pool.begin().await?;
-    let Some(c) = lock_candidate(&mut tx, run).await? else { return Ok(ClaimOutcome::NotClaimable) };
+    let mut candidates = lock_candidates(&mut tx, runs).await?;
+    let mut outcomes = Vec::with_capacity(runs.len());
+    for run in runs {
+        let outcome = match candidates.remove(run) {
+            Some(c) => claim_candidate(&mut tx, c, owner, ttl).await?,
+            // Gone, or the same run delivered twice: claimed by its first delivery.
+            None => ClaimOutcome::NotClaimable,
+        };
+        outcomes.push(outcome);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// One locked run of `claim_locked`: decided, given a device, started.
+async fn claim_candidate(
+    conn: &mut PgConnection,
+    c: Candidate,
+    owner: &str,
+    ttl: Duration,
+) -> CoreResult<ClaimOutcome> {
     match lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) {
         Decision::Start => {}
         Decision::NotYet => return Ok(ClaimOutcome::NotYet(c.not_before.unwrap_or_else(Utc::now))),
@@ -210,55 +254,38 @@ async fn claim_locked(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> 
     }
     let selector = match selector_of(&c) {
         Ok(s) => s,
-        Err(error) => return abandon_unreadable(tx, &c, error).await,
+        Err(error) => return abandon_unreadable(conn, &c, error).await,
     };
-    let Some(device) = devices::pick_claimable(&mut tx, &selector).await? else {
-        tx.commit().await?;
+    let Some(device) = devices::pick_claimable(conn, &selector).await? else {
         return Ok(ClaimOutcome::NoDevice);
     };
     let definition = match definition_of(&c) {
         Ok(d) => d,
-        Err(error) => return abandon_unreadable(tx, &c, error).await,
+        Err(error) => return abandon_unreadable(conn, &c, error).await,
     };
-    let claimed = assign(&mut tx, run, &device, owner, ttl, definition.touches_device()).await?;
-    tx.commit().await?;
+    let claimed = assign(conn, c.locked.id, &device, owner, ttl, definition.touches_device()).await?;
     Ok(ClaimOutcome::Claimed(Box::new(claimed)))
 }
 
-async fn abandon_unreadable(
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-    c: &Candidate,
-    error: RunError,
-) -> CoreResult<ClaimOutcome> {
+async fn abandon_unreadable(conn: &mut PgConnection, c: &Candidate, error: RunError) -> CoreResult<ClaimOutcome> {
     tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
     if lifecycle::decide(c.locked.state, Command::Abandon(Abandon::Unreadable)) == Decision::End(RunStatus::Errored) {
-        transitions::end(&mut tx, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
+        transitions::end(conn, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
     }
-    tx.commit().await?;
     Ok(ClaimOutcome::Unreadable(error))
 }
 
-/// `claim`, and when no device was free, looks once more after committing (a device
-/// released meanwhile may have missed this run while we held its row).
-pub async fn claim_with_recheck(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
-    let mut outcome = claim(pool, run, owner, ttl).await?;
-    for _ in 0..3 {
-        if !matches!(outcome, ClaimOutcome::NoDevice) {
-            break;
-        }
-        let waiting = sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM runs r WHERE r.id = $1 AND r.status = 'queued' AND EXISTS (
-                   SELECT 1 FROM devices d WHERE device_claimable(d) AND selector_matches(r.selector, d))) AS "free!""#,
-            run as RunId
-        )
-        .fetch_one(pool)
-        .await?;
-        if !waiting {
-            break;
-        }
-        outcome = claim(pool, run, owner, ttl).await?;
-    }
-    Ok(outcome)
+/// Whether a device that `run` (still queued) could use is free now: after a claim
+/// that found none committed, a device released meanwhile may have missed this run
+/// while the claim held its row, so the claimer looks once more.
+pub async fn free_device_for(pool: &PgPool, run: RunId) -> CoreResult<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM runs r WHERE r.id = $1 AND r.status = 'queued' AND EXISTS (
+               SELECT 1 FROM devices d WHERE device_claimable(d) AND selector_matches(r.selector, d))) AS "free!""#,
+        run as RunId
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// After a device is released: the best queued run it can serve (priority, then age),
@@ -423,6 +450,20 @@ pub struct FinishPolicy {
     pub retry_max: Duration,
 }
 
+/// One attempt's outcome to write (`finish`, `finish_many`).
+#[derive(Debug, Clone)]
+pub struct FinishRequest {
+    /// The run as claimed (its attempt is the fencing token).
+    pub claimed: Claimed,
+    /// How the attempt ended.
+    pub outcome: Outcome,
+    /// Its steps, as they ended.
+    pub steps: Vec<RunStep>,
+    /// The next lease's TTL, to hand the released device over in the same commit;
+    /// `None` when the worker is stopping.
+    pub hand_off: Option<Duration>,
+}
+
 /// Writes an attempt's outcome, its steps and events, releases the device and updates
 /// its breaker, in one transaction, only if `owner` still holds attempt `attempt`.
 ///
@@ -433,88 +474,127 @@ pub struct FinishPolicy {
 /// after any worker crash.
 pub async fn finish(
     pool: &PgPool,
-    claimed: &Claimed,
     owner: &str,
-    outcome: &Outcome,
-    steps: &[RunStep],
     policy: FinishPolicy,
-    hand_off: Option<Duration>,
+    request: FinishRequest,
 ) -> CoreResult<(Finished, Option<Claimed>)> {
-    let run = claimed.run.id;
-    let mut tx = pool.begin().await?;
-    let Some((locked, seen)) = lock_for_finish(&mut tx, claimed, owner).await? else {
-        return Ok((Finished::Refused, None));
-    };
-    let holds = locked.held_by(owner, claimed.attempt);
-    let finished = match lifecycle::decide(locked.state, Command::Finish { holds, ending: outcome.ending }) {
-        Decision::Requeue { spend_attempt, backoff } => {
-            let delay =
-                backoff.then(|| crate::retry::delay_after(claimed.attempt, policy.retry_base, policy.retry_max));
-            let reason = if spend_attempt { RequeueReason::Retry } else { RequeueReason::HandedBack };
-            let error =
-                outcome.error.clone().unwrap_or_else(|| RunError::new(ErrorKind::Interrupted, "the attempt ended"));
-            let not_before = transitions::requeue(&mut tx, run, spend_attempt, delay, &error, reason).await?;
-            Finished::Requeued { not_before }
-        }
-        Decision::End(status) => {
-            transitions::end(&mut tx, &[run], status, outcome.result.as_ref(), outcome.error.as_ref()).await?;
-            Finished::Ended(status)
-        }
-        _ => {
-            tx.rollback().await?;
-            refuse(pool, claimed, owner, outcome).await?;
-            return Ok((Finished::Refused, None));
-        }
-    };
-    for step in steps {
-        transitions::write_step(&mut tx, run, step).await?;
-    }
-    let effect = breaker::effect(outcome.ending, outcome.touched_device, outcome.error.as_ref().map(|e| e.kind));
-    let device = claimed.device.id;
-    devices::release(&mut tx, device, run, owner, effect, policy.breaker, seen).await?;
-    let next = match hand_off {
-        Some(ttl) => match devices::lock_for_hand_off(&mut tx, device).await? {
-            Some(free) => hand_over(&mut tx, &free, owner, ttl).await?,
-            None => None,
-        },
-        None => None,
-    };
-    tx.commit().await?;
-    Ok((finished, next))
+    let mut done = finish_many(pool, owner, policy, std::slice::from_ref(&request)).await?;
+    Ok(done.pop().unwrap_or((Finished::Refused, None)))
 }
 
-/// `transitions::lock` for a finish: the run locked, and in the same statement the
-/// breaker of the device it leases to `owner` (unlocked) with the transaction's clock,
-/// so that the release decides without reading the device again.
+/// `finish` for the outcomes a worker has ready together, in one transaction with one
+/// statement per kind of write (lock the runs, end them, write their steps, release
+/// their devices) instead of one per run: the commit and the round trips are shared.
+/// Each run is still decided on its own locked row and fenced by its own attempt; the
+/// hand-offs, one per device, follow. Per request, in order: what happened to its run
+/// and the run its device was handed over to.
+///
+/// An error fails the whole transaction: nothing is written, and the caller can try
+/// each request alone.
+pub async fn finish_many(
+    pool: &PgPool,
+    owner: &str,
+    policy: FinishPolicy,
+    requests: &[FinishRequest],
+) -> CoreResult<Vec<(Finished, Option<Claimed>)>> {
+    let mut tx = pool.begin().await?;
+    let mut locked = lock_for_finish(&mut tx, requests, owner).await?;
+    let (mut finished, mut refused) = (Vec::with_capacity(requests.len()), Vec::new());
+    let (mut endings, mut steps, mut releases) = (Vec::new(), Vec::new(), Vec::new());
+    for request in requests {
+        let (claimed, outcome) = (&request.claimed, &request.outcome);
+        let Some((run, seen)) = locked.remove(&claimed.run.id) else {
+            finished.push(Finished::Refused);
+            continue;
+        };
+        let holds = run.held_by(owner, claimed.attempt);
+        let done = match lifecycle::decide(run.state, Command::Finish { holds, ending: outcome.ending }) {
+            Decision::Requeue { spend_attempt, backoff } => {
+                let delay =
+                    backoff.then(|| crate::retry::delay_after(claimed.attempt, policy.retry_base, policy.retry_max));
+                let reason = if spend_attempt { RequeueReason::Retry } else { RequeueReason::HandedBack };
+                let error =
+                    outcome.error.clone().unwrap_or_else(|| RunError::new(ErrorKind::Interrupted, "the attempt ended"));
+                let not_before = transitions::requeue(&mut tx, run.id, spend_attempt, delay, &error, reason).await?;
+                Finished::Requeued { not_before }
+            }
+            Decision::End(status) => {
+                let (result, error) = (outcome.result.as_ref(), outcome.error.as_ref());
+                endings.push(transitions::RunEnd { id: run.id, status, result, error });
+                Finished::Ended(status)
+            }
+            _ => {
+                refused.push(request);
+                finished.push(Finished::Refused);
+                continue;
+            }
+        };
+        finished.push(done);
+        steps.extend(request.steps.iter().map(|s| (run.id, s)));
+        let effect = breaker::effect(outcome.ending, outcome.touched_device, outcome.error.as_ref().map(|e| e.kind));
+        releases.push(devices::Release { device: claimed.device.id, run: run.id, effect, seen });
+    }
+    transitions::end_each(&mut tx, &endings).await?;
+    transitions::write_steps(&mut tx, &steps).await?;
+    devices::release_each(&mut tx, owner, policy.breaker, &releases).await?;
+    let mut next = Vec::with_capacity(requests.len());
+    for (request, done) in requests.iter().zip(&finished) {
+        next.push(match (done, request.hand_off) {
+            (Finished::Refused, _) | (_, None) => None,
+            (_, Some(ttl)) => match devices::lock_for_hand_off(&mut tx, request.claimed.device.id).await? {
+                Some(free) => hand_over(&mut tx, &free, owner, ttl).await?,
+                None => None,
+            },
+        });
+    }
+    tx.commit().await?;
+    for request in refused {
+        // Only an event: the outcomes above are committed, and must be reported as such.
+        if let Err(e) = refuse(pool, &request.claimed, owner, &request.outcome).await {
+            tracing::warn!(run_id = %request.claimed.run.id, error = %e, "could not record a refused late write");
+        }
+    }
+    Ok(finished.into_iter().zip(next).collect())
+}
+
+/// `transitions::lock` for a finish: the runs locked (in id order, so that two
+/// finishes never wait on each other in a cycle), and in the same statement the
+/// breaker of the device each leases to `owner` (unlocked) with the transaction's
+/// clock, so that the release decides without reading the devices again.
 async fn lock_for_finish(
     conn: &mut PgConnection,
-    claimed: &Claimed,
+    requests: &[FinishRequest],
     owner: &str,
-) -> CoreResult<Option<(Locked, Option<devices::SeenBreaker>)>> {
-    let row = sqlx::query!(
+) -> CoreResult<HashMap<RunId, (Locked, Option<devices::SeenBreaker>)>> {
+    let rows = sqlx::query!(
         r#"SELECT r.id, r.status, r.kind, r.attempt, r.max_attempts, r.paused, r.cancel_requested, r.held,
                   r.device_id, r.lease_owner, d.breaker_state AS "breaker_state?: BreakerState",
                   d.breaker_failures AS "breaker_failures?", d.breaker_trips AS "breaker_trips?",
                   d.breaker_open_until, now() AS "now!"
-           FROM runs r LEFT JOIN devices d ON d.id = $2 AND d.lease_run_id = r.id AND d.lease_owner = $3
-           WHERE r.id = $1 FOR UPDATE OF r"#,
-        claimed.run.id as RunId,
-        claimed.device.id as DeviceId,
+           FROM unnest($1::uuid[], $2::uuid[]) AS x(run, device)
+           JOIN runs r ON r.id = x.run
+           LEFT JOIN devices d ON d.id = x.device AND d.lease_run_id = r.id AND d.lease_owner = $3
+           ORDER BY r.id FOR UPDATE OF r"#,
+        &requests.iter().map(|r| r.claimed.run.id.0).collect::<Vec<_>>(),
+        &requests.iter().map(|r| r.claimed.device.id.0).collect::<Vec<_>>(),
         owner,
     )
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(row.map(|r| {
-        let seen = match (r.breaker_state, r.breaker_failures, r.breaker_trips) {
-            (Some(state), Some(failures), Some(trips)) => Some(devices::SeenBreaker {
-                row: breaker::BreakerRow { state, failures, trips, open_until: r.breaker_open_until },
-                now: r.now,
-            }),
-            _ => None,
-        };
-        let locked = Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner };
-        (locked, seen)
-    }))
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let seen = match (r.breaker_state, r.breaker_failures, r.breaker_trips) {
+                (Some(state), Some(failures), Some(trips)) => Some(devices::SeenBreaker {
+                    row: breaker::BreakerRow { state, failures, trips, open_until: r.breaker_open_until },
+                    now: r.now,
+                }),
+                _ => None,
+            };
+            let locked = Locked { id: r.id, state: run_state!(r), device_id: r.device_id, lease_owner: r.lease_owner };
+            (r.id, (locked, seen))
+        })
+        .collect())
 }
 
 /// Records a refused late write (a zombie worker): logged and kept as an event.

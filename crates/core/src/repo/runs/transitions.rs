@@ -13,7 +13,7 @@ use crate::{
     events::{EventKind, Subject},
     ids::{DeviceId, HostId, RunId},
     lifecycle::{RunState, run_state},
-    model::{BreakerState, Device, Run, RunKind, RunStatus, RunStep, StepStatus},
+    model::{BreakerState, Device, Run, RunKind, RunStatus, RunStep},
     repo::{events, runs::RunRow},
     run_error::RunError,
 };
@@ -162,25 +162,49 @@ pub(crate) async fn end(
     result: Option<&Value>,
     error: Option<&RunError>,
 ) -> CoreResult<Vec<RunId>> {
+    let endings: Vec<RunEnd<'_>> = ids.iter().map(|&id| RunEnd { id, status, result, error }).collect();
+    end_each(conn, &endings).await
+}
+
+/// One run to end, with its own status, result and error (`end_each`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunEnd<'a> {
+    pub id: RunId,
+    pub status: RunStatus,
+    pub result: Option<&'a Value>,
+    pub error: Option<&'a RunError>,
+}
+
+/// `end` for runs that end differently, in one statement: the finishes a worker writes
+/// together (`leasing::finish_many`). Only queued or running runs change; returns the
+/// runs it ended.
+pub(crate) async fn end_each(conn: &mut PgConnection, endings: &[RunEnd<'_>]) -> CoreResult<Vec<RunId>> {
+    if endings.is_empty() {
+        return Ok(Vec::new());
+    }
     let ended = sqlx::query!(
-        r#"WITH r AS (
-            UPDATE runs SET status = $2, result = $3, error = $4, finished_at = clock_timestamp(),
-                lease_owner = NULL, lease_expires_at = NULL, paused = false, held = false, not_before = NULL,
-                cancel_requested = cancel_requested OR $2 = 'cancelled'::run_status, updated_at = now()
-            WHERE id = ANY ($1) AND status IN ('queued', 'running')
-            RETURNING id, kind, attempt, device_id, started_at, finished_at),
+        r#"WITH x AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS x(id, status, result, error)),
+           r AS (
+            UPDATE runs SET status = x.status::run_status, result = x.result, error = x.error,
+                finished_at = clock_timestamp(), lease_owner = NULL, lease_expires_at = NULL, paused = false,
+                held = false, not_before = NULL,
+                cancel_requested = cancel_requested OR x.status = 'cancelled', updated_at = now()
+            FROM x WHERE runs.id = x.id AND runs.status IN ('queued', 'running')
+            RETURNING runs.id, runs.kind, runs.status, runs.attempt, runs.device_id, runs.started_at,
+                      runs.finished_at, x.result, x.error),
            e AS (INSERT INTO events (type, run_id, device_id, data)
-           SELECT $5, r.id, r.device_id, jsonb_build_object('status', $2::run_status, 'attempt', r.attempt,
-                  'device_id', r.device_id, 'result', $3::jsonb, 'error', $4::jsonb,
+           SELECT $5, r.id, r.device_id, jsonb_build_object('status', r.status, 'attempt', r.attempt,
+                  'device_id', r.device_id, 'result', r.result, 'error', r.error,
                   'duration_ms', (extract(epoch FROM r.finished_at - r.started_at) * 1000)::bigint)
            FROM r)
            -- The events are written whether or not this reads them (a data-modifying
            -- CTE always runs to completion).
-           SELECT id AS "id!: RunId", kind AS "kind!: RunKind", started_at, finished_at FROM r"#,
-        ids as &[RunId],
-        status as RunStatus,
-        result,
-        error.map(Json) as _,
+           SELECT id AS "id!: RunId", kind AS "kind!: RunKind", status AS "status!: RunStatus", started_at,
+                  finished_at FROM r"#,
+        &endings.iter().map(|e| e.id.0).collect::<Vec<_>>(),
+        &endings.iter().map(|e| e.status.to_string()).collect::<Vec<_>>(),
+        &endings.iter().map(|e| e.result.cloned()).collect::<Vec<_>>() as _,
+        &endings.iter().map(|e| e.error.map(|e| Json(e.clone()))).collect::<Vec<_>>() as _,
         EventKind::RunFinished as EventKind,
     )
     .fetch_all(&mut *conn)
@@ -189,7 +213,7 @@ pub(crate) async fn end(
         .into_iter()
         .map(|r| {
             let ran = r.started_at.zip(r.finished_at).and_then(|(s, f)| (f - s).to_std().ok());
-            crate::meters::run_finished(r.kind, status, ran);
+            crate::meters::run_finished(r.kind, r.status, ran);
             r.id
         })
         .collect())
@@ -232,22 +256,34 @@ pub(crate) async fn set_paused(conn: &mut PgConnection, run: &Locked, paused: bo
 
 /// Writes (or rewrites) a step record.
 pub(crate) async fn write_step(conn: &mut PgConnection, run: RunId, s: &RunStep) -> CoreResult<()> {
+    write_steps(conn, &[(run, s)]).await
+}
+
+/// Writes (or rewrites) step records, of one run or several, in one statement.
+pub(crate) async fn write_steps(conn: &mut PgConnection, steps: &[(RunId, &RunStep)]) -> CoreResult<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let col = |f: &dyn Fn(&RunStep) -> Option<DateTime<Utc>>| steps.iter().map(|(_, s)| f(s)).collect::<Vec<_>>();
     sqlx::query!(
         "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at, result, error)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         SELECT run_id, idx, module, params, status::step_status, attempt, started_at, finished_at, result, error
+         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6::int4[], $7::timestamptz[],
+                     $8::timestamptz[], $9::jsonb[], $10::jsonb[])
+              AS s(run_id, idx, module, params, status, attempt, started_at, finished_at, result, error)
          ON CONFLICT (run_id, idx) DO UPDATE SET module = EXCLUDED.module, params = EXCLUDED.params,
             status = EXCLUDED.status, attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
             finished_at = EXCLUDED.finished_at, result = EXCLUDED.result, error = EXCLUDED.error",
-        run as RunId,
-        s.index,
-        s.module,
-        s.params,
-        s.status as StepStatus,
-        s.attempt,
-        s.started_at,
-        s.finished_at,
-        s.result,
-        s.error.as_ref().map(Json) as _,
+        &steps.iter().map(|(run, _)| run.0).collect::<Vec<_>>(),
+        &steps.iter().map(|(_, s)| s.index).collect::<Vec<_>>(),
+        &steps.iter().map(|(_, s)| s.module.clone()).collect::<Vec<_>>(),
+        &steps.iter().map(|(_, s)| s.params.clone()).collect::<Vec<_>>(),
+        &steps.iter().map(|(_, s)| s.status.to_string()).collect::<Vec<_>>(),
+        &steps.iter().map(|(_, s)| s.attempt).collect::<Vec<_>>(),
+        &col(&|s| s.started_at) as _,
+        &col(&|s| s.finished_at) as _,
+        &steps.iter().map(|(_, s)| s.result.clone()).collect::<Vec<_>>() as _,
+        &steps.iter().map(|(_, s)| s.error.as_ref().map(|e| Json(e.clone()))).collect::<Vec<_>>() as _,
     )
     .execute(&mut *conn)
     .await?;
