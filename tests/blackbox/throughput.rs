@@ -16,6 +16,18 @@ async fn count_runs(env: &Env) -> i64 {
     n
 }
 
+/// Waits until `count_sql` (one count) reaches `at_least`.
+async fn count_reaches(pg: &sqlx::PgPool, secs: u64, what: &str, count_sql: &'static str, at_least: i64) {
+    crate::harness::eventually(Duration::from_secs(secs), what, || {
+        let pg = pg.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(count_sql).fetch_one(&pg).await.unwrap();
+            (n >= at_least).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn batch(api: &Api, runs: Value) -> (u16, Value) {
     let r = api.post("/api/v1/runs/batch", json!({ "runs": runs })).await;
     (r.status, r.body)
@@ -142,16 +154,13 @@ async fn a_full_batch_of_1000_runs_all_finish() {
     assert_eq!(status, 202, "{}", started["error"]);
     assert_eq!(started["runs"].as_array().unwrap().len(), 1000);
     let pg = env.pg().await;
-    crate::harness::eventually(Duration::from_secs(120), "every run of the batch to succeed", || {
-        let pg = pg.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
-                .fetch_one(&pg)
-                .await
-                .unwrap();
-            (n == 1000).then_some(())
-        }
-    })
+    count_reaches(
+        &pg,
+        120,
+        "every run of the batch to succeed",
+        "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        1000,
+    )
     .await;
     let events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'run.queued'").fetch_one(&pg).await.unwrap();
@@ -228,16 +237,13 @@ async fn a_pile_of_9000_pushed_runs_does_not_stall_the_workers() {
     }
     let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
     let pg = env.pg().await;
-    crate::harness::eventually(Duration::from_secs(60), "the worker to get through the pile", || {
-        let pg = pg.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
-                .fetch_one(&pg)
-                .await
-                .unwrap();
-            (n >= 300).then_some(())
-        }
-    })
+    count_reaches(
+        &pg,
+        60,
+        "the worker to get through the pile",
+        "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        300,
+    )
     .await;
     pg.close().await;
 }
@@ -264,16 +270,13 @@ async fn outcomes_written_together_each_keep_their_own_fate() {
     let (status, started) = batch(&api, Value::Array(items)).await;
     assert_eq!(status, 202, "{}", started["error"]);
     let pg = env.pg().await;
-    crate::harness::eventually(Duration::from_secs(60), "every run to end", || {
-        let pg = pg.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
-                .fetch_one(&pg)
-                .await
-                .unwrap();
-            (n == 0).then_some(())
-        }
-    })
+    count_reaches(
+        &pg,
+        60,
+        "every run to end",
+        "SELECT count(*) FROM runs WHERE status NOT IN ('queued', 'running')",
+        104,
+    )
     .await;
     let by_pool: Vec<(String, String, String, i64)> = sqlx::query_as(
         "SELECT r.selector ->> 'pool', r.status::text, s.status::text, count(*) FROM runs r
@@ -377,16 +380,6 @@ async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device()
             .await
             .unwrap();
     assert!(transactions < 25, "{transactions} claim transactions for 25 runs: none shared");
-    crate::harness::eventually(Duration::from_secs(30), "all 27 runs to succeed", || {
-        let pg = pg.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'succeeded'")
-                .fetch_one(&pg)
-                .await
-                .unwrap();
-            (n == 27).then_some(())
-        }
-    })
-    .await;
+    count_reaches(&pg, 30, "all 27 runs to succeed", "SELECT count(*) FROM runs WHERE status = 'succeeded'", 27).await;
     pg.close().await;
 }
