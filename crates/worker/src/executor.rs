@@ -78,7 +78,7 @@ impl Executor {
         let mut next = Some((first, claimed_at));
         while let Some((claimed, at)) = next.take() {
             let (device, claimed_id) = (claimed.device.id, claimed.run.id);
-            // The outcome's transaction also hands the device over (`runs::finish`).
+            // The outcome's transaction also hands the device over (`runs::finish_many`).
             let handed = self.execute(claimed, at).await?;
             if let Some(c) = &handed {
                 self::claimed(claim_span(claimed_id), c);
@@ -104,7 +104,7 @@ impl Executor {
     }
 
     /// Executes one claimed run to an outcome and writes it.
-    /// Returns the run its device was handed over to, if any (see `runs::finish`).
+    /// Returns the run its device was handed over to, if any (see `runs::finish_many`).
     pub async fn execute(self: &Arc<Self>, claimed: Claimed, claimed_at: Instant) -> CoreResult<Option<Claimed>> {
         let span = tracing::info_span!("run", run_id = %claimed.run.id, device_id = %claimed.device.id,
             target = %claimed.run.target, attempt = claimed.attempt, otel.name = format!("run {}", claimed.run.kind),

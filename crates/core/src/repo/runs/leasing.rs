@@ -174,18 +174,12 @@ fn definition_of(c: &Candidate) -> Result<RunDefinition, RunError> {
     Ok(definition)
 }
 
-/// Claims a queued run and a free matching device (`claim_many` of one).
-pub async fn claim(pool: &PgPool, run: RunId, owner: &str, ttl: Duration) -> CoreResult<ClaimOutcome> {
-    let mut outcomes = claim_many(pool, &[run], owner, ttl).await?;
-    Ok(outcomes.pop().unwrap_or(ClaimOutcome::NotClaimable))
-}
-
 /// Claims the delivered runs, each with a free matching device; per run, in order,
 /// what its delivery found.
 ///
 /// The runs are read first without a lock, in one statement: a delivery whose run is
 /// no longer claimable (most often one a release hand-off already started, see
-/// `finish`) or not yet due is answered from that read, with no transaction and no
+/// `finish_many`) or not yet due is answered from that read, with no transaction and no
 /// wait for a row lock the hand-off still holds (12.5 ms a delivery on average under
 /// `bench`, before). Only the runs that look claimable are claimed under their locks,
 /// together (`claim_locked`), each decided again on what was locked.
@@ -424,7 +418,7 @@ pub struct Outcome {
     pub touched_device: bool,
 }
 
-/// What `finish` did.
+/// What `finish_many` did to a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finished {
     /// The run ended in this status.
@@ -450,7 +444,7 @@ pub struct FinishPolicy {
     pub retry_max: Duration,
 }
 
-/// One attempt's outcome to write (`finish`, `finish_many`).
+/// One attempt's outcome to write (`finish_many`).
 #[derive(Debug, Clone)]
 pub struct FinishRequest {
     /// The run as claimed (its attempt is the fencing token).
@@ -464,30 +458,20 @@ pub struct FinishRequest {
     pub hand_off: Option<Duration>,
 }
 
-/// Writes an attempt's outcome, its steps and events, releases the device and updates
-/// its breaker, in one transaction, only if `owner` still holds attempt `attempt`.
+/// Writes the outcomes of attempts: for each, its steps and events, the release of
+/// its device and its breaker's update, only if `owner` still holds attempt `attempt`.
+/// The outcomes a worker has ready together share one transaction, with one statement
+/// per kind of write (lock the runs, end them, write their steps, release their
+/// devices) instead of one per run: the commit and the round trips are shared. Each
+/// run is still decided on its own locked row and fenced by its own attempt. Per
+/// request, in order: what happened to its run and the run its device was handed over
+/// to.
 ///
-/// With `hand_off` (the next lease's TTL), the same transaction then gives the released
-/// device, if it is still claimable, to the best queued run it can serve: one commit
-/// ends a run and starts the next, instead of two. Should that commit be lost after
-/// all, the next run's lease expires unrenewed and the reconciler requeues it, as
-/// after any worker crash.
-pub async fn finish(
-    pool: &PgPool,
-    owner: &str,
-    policy: FinishPolicy,
-    request: FinishRequest,
-) -> CoreResult<(Finished, Option<Claimed>)> {
-    let mut done = finish_many(pool, owner, policy, std::slice::from_ref(&request)).await?;
-    Ok(done.pop().unwrap_or((Finished::Refused, None)))
-}
-
-/// `finish` for the outcomes a worker has ready together, in one transaction with one
-/// statement per kind of write (lock the runs, end them, write their steps, release
-/// their devices) instead of one per run: the commit and the round trips are shared.
-/// Each run is still decided on its own locked row and fenced by its own attempt; the
-/// hand-offs, one per device, follow. Per request, in order: what happened to its run
-/// and the run its device was handed over to.
+/// With `hand_off` (the next lease's TTL), the same transaction then gives each
+/// released device, if it is still claimable, to the best queued run it can serve:
+/// one commit ends a run and starts the next, instead of two. Should that commit be
+/// lost after all, the next run's lease expires unrenewed and the reconciler requeues
+/// it, as after any worker crash.
 ///
 /// An error fails the whole transaction: nothing is written, and the caller can try
 /// each request alone.

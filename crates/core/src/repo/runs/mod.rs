@@ -18,8 +18,8 @@ mod transitions;
 pub use control::{CancelOutcome, cancel, failed_children, set_paused};
 pub use creation::{NewRun, insert_many, insert_tx, mark_dispatched};
 pub use leasing::{
-    ClaimOutcome, Claimed, FinishPolicy, FinishRequest, Finished, Outcome, Renewal, claim, claim_for_device,
-    claim_many, finish, finish_many, free_device_for, record_step, renew,
+    ClaimOutcome, Claimed, FinishPolicy, FinishRequest, Finished, Outcome, Renewal, claim_for_device, claim_many,
+    finish_many, free_device_for, record_step, renew,
 };
 pub use recovery::{
     Ended, abandon_overdue, abandon_unservable, due_for_dispatch, parents_of, recover_expired, waiting_for_device,
