@@ -447,25 +447,27 @@ pub(crate) async fn release_each(
     policy: BreakerPolicy,
     items: &[Release],
 ) -> CoreResult<()> {
-    let decide =
-        |seen: SeenBreaker, effect| breaker::next(seen.row, effect, policy.threshold, policy.cooldown_s, seen.now);
-    let decided: Vec<(Release, BreakerRow, Option<Transition>)> = items
+    let decided: Vec<(&Release, SeenBreaker, BreakerRow, Option<Transition>)> = items
         .iter()
-        .filter_map(|r| r.seen.map(|seen| (*r, decide(seen, r.effect))))
-        .map(|(r, (next, transition))| (r, next, transition))
+        .filter_map(|r| {
+            let seen = r.seen?;
+            let (next, transition) = breaker::next(seen.row, r.effect, policy.threshold, policy.cooldown_s, seen.now);
+            Some((r, seen, next, transition))
+        })
         .collect();
     let writes: Vec<ReleaseWrite<'_>> = decided
         .iter()
-        .map(|(r, next, _)| ReleaseWrite { id: r.device, run: r.run, expected: r.seen.as_ref().map(|s| &s.row), next })
+        .map(|(r, seen, next, _)| ReleaseWrite { id: r.device, run: r.run, expected: Some(&seen.row), next })
         .collect();
     let written = write_releases(conn, owner, &writes).await?;
-    for item in items {
-        match decided.iter().find(|(r, _, _)| r.device == item.device) {
-            Some((_, next, transition)) if written.contains(&item.device) => {
-                record_transition(conn, item.device, item.run, next, *transition).await?
-            }
-            _ => release(conn, item.device, item.run, owner, item.effect, policy).await?,
+    for (r, _, next, transition) in &decided {
+        if written.contains(&r.device) {
+            record_transition(conn, r.device, r.run, next, *transition).await?;
         }
+    }
+    // Not seen with the run's lock, or changed since: decided again under the row lock.
+    for r in items.iter().filter(|r| !written.contains(&r.device)) {
+        release(conn, r.device, r.run, owner, r.effect, policy).await?;
     }
     Ok(())
 }
