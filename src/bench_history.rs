@@ -118,7 +118,9 @@ async fn seed(pool: &PgPool, cfg: &HistoryConfig) -> anyhow::Result<Value> {
 
 /// Runs `from..from + n`: statuses 90 % succeeded, 5 % failed, 3 % errored, 1 % timed
 /// out, 1 % cancelled; 85 % module runs, 15 % workflow runs (three steps); 10 % from a
-/// schedule; 1 % retries of the run before; ended evenly over the last 90 days.
+/// schedule; 1 % retries (of a failed run, so that some failures are flaky by their
+/// retry); device and module independent of the status; ended evenly over the last 90
+/// days.
 async fn seed_chunk(conn: &mut sqlx::PgConnection, from: i64, n: i64, total: i64, events: i64) -> anyhow::Result<()> {
     sqlx::query(
         "CREATE TEMP TABLE IF NOT EXISTS seed_devices AS SELECT row_number() OVER (ORDER BY serial) - 1 AS k, id FROM devices",
@@ -143,13 +145,13 @@ async fn seed_chunk(conn: &mut sqlx::PgConnection, from: i64, n: i64, total: i64
                                                          jsonb_build_object('module', m.module, 'params', '{}'),
                                                          jsonb_build_object('module', 'sleep', 'params', '{\"ms\": 1}')))
                      ELSE jsonb_build_object('module', m.module, 'params', '{}', 'timeout_s', 60) END,
-                '{}', jsonb_build_object('pool', 'pool-' || (i % 200 % 10)), d.id,
+                '{}', jsonb_build_object('pool', 'pool-' || (h.dk % 10)), d.id,
                 (CASE WHEN i % 100 < 90 THEN 'succeeded' WHEN i % 100 < 95 THEN 'failed' WHEN i % 100 < 98 THEN 'errored'
                       WHEN i % 100 < 99 THEN 'timed_out' ELSE 'cancelled' END)::run_status,
                 1, 3, 5, 3600,
                 (CASE WHEN i % 10 = 0 THEN 'schedule' WHEN i % 100 = 7 THEN 'retry' ELSE 'api' END)::run_trigger,
                 CASE WHEN i % 10 = 0 THEN s.id END,
-                CASE WHEN i % 100 = 7 THEN md5('run' || (i - 1))::uuid END,
+                CASE WHEN i % 100 = 7 AND i >= 17 THEN md5('run' || (i - 17))::uuid END,
                 t.fin - make_interval(secs => 2 + i % 60) - make_interval(secs => (i % 5)::float8 / 10),
                 t.fin - make_interval(secs => 2 + i % 60), t.fin,
                 t.fin - make_interval(secs => 3 + i % 60), t.fin, t.fin - make_interval(secs => 3 + i % 60),
@@ -157,9 +159,12 @@ async fn seed_chunk(conn: &mut sqlx::PgConnection, from: i64, n: i64, total: i64
          FROM generate_series($1::int8, $1 + $2 - 1) i
          -- Ended in order over the last 90 days, as a real history is appended.
          CROSS JOIN LATERAL (SELECT now() - make_interval(secs => ($3 - i) * 7776000.0 / $3) AS fin) t
+         -- Device and module drawn apart from the status (a hash of the run's number), so
+         -- that a module fails and passes on the same device, as flaky detection needs.
+         CROSS JOIN LATERAL (SELECT abs(hashint8(i)) % 200 AS dk, abs(hashint8(-i)) % 10 AS mk) h
          CROSS JOIN LATERAL (SELECT (ARRAY['ping', 'airplane_mode', 'sms_send', 'call_dial', 'data_session', 'wifi_toggle',
-                                            'device_info', 'signal_strength', 'reboot', 'sleep'])[1 + i % 10] AS module) m
-         JOIN seed_devices d ON d.k = i % 200
+                                            'device_info', 'signal_strength', 'reboot', 'sleep'])[1 + h.mk] AS module) m
+         JOIN seed_devices d ON d.k = h.dk
          JOIN seed_schedules s ON s.k = i % 20",
     )
     .bind(from)
@@ -168,12 +173,13 @@ async fn seed_chunk(conn: &mut sqlx::PgConnection, from: i64, n: i64, total: i64
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at)
+        "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at,
+                                run_finished_at, device_id, run_kind, schedule_id)
          SELECT r.id, x.idx, CASE WHEN r.kind = 'workflow' THEN r.definition -> 'steps' -> x.idx ->> 'module' ELSE r.target END,
                 '{}',
                 (CASE r.status WHEN 'succeeded' THEN 'passed' WHEN 'failed' THEN 'failed' WHEN 'errored' THEN 'errored'
                       WHEN 'timed_out' THEN 'timed_out' ELSE 'cancelled' END)::step_status,
-                1, r.started_at, r.finished_at
+                1, r.started_at, r.finished_at, r.finished_at, r.device_id, r.kind, r.schedule_id
          FROM runs r CROSS JOIN LATERAL generate_series(0, CASE WHEN r.kind = 'workflow' THEN 2 ELSE 0 END) x(idx)
          WHERE r.id IN (SELECT md5('run' || i)::uuid FROM generate_series($1::int8, $1 + $2 - 1) i)",
     )

@@ -261,6 +261,69 @@ async fn search_finds_each_kind_ranked_and_bounded() {
     assert!(find("%25".into()).await.iter().all(|h| h["kind"] != "device"), "a % matched every device");
 }
 
+/// The run's facts copied onto its steps (migration 0013), which the per-module figures
+/// and flaky detection read: every step of an ended run carries when it ended, its
+/// device, kind and schedule, whether the step was written at the end (a module run),
+/// as the workflow went (stamped when the run ended) or by a cancel mid-step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_of_an_ended_run_carries_the_runs_facts() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let _worker = env.worker(FAST);
+    device(&api, "facts-1", "facts", json!([]), json!({})).await;
+    let module = api.start("sleep", json!({"params": {"ms": 1}, "device": {"pool": "facts"}})).await;
+    let module = module["id"].as_str().unwrap().to_string();
+    assert_eq!(api.wait_terminal(&module, Duration::from_secs(30)).await["status"], "succeeded");
+    let wf = api
+        .post(
+            "/api/v1/workflows",
+            json!({"name": "facts-wf", "steps": [{"module": "sleep", "params": {"ms": 1}}, {"module": "sleep", "params": {"ms": 60000}}]}),
+        )
+        .await;
+    let path = format!("/api/v1/workflows/{}/runs", wf.body["id"].as_str().unwrap());
+    let run = api.post(&path, json!({"device": {"pool": "facts"}})).await;
+    let wf_run = run.body["id"].as_str().unwrap().to_string();
+    let pg = env.pg().await;
+    // Its first step recorded as it went, before the run ends: no end on it yet.
+    eventually(Duration::from_secs(15), "the first step recorded", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM run_steps WHERE run_id = $1 AND status = 'passed' AND run_finished_at IS NULL AND device_id IS NOT NULL",
+        )
+        .bind(wf_run.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(api.post(&format!("/api/v1/runs/{wf_run}/cancel"), json!({})).await.status, 200);
+    assert_eq!(api.wait_terminal(&wf_run, Duration::from_secs(15)).await["status"], "cancelled");
+
+    let rows: Vec<(uuid::Uuid, i32, bool)> = sqlx::query_as(
+        "SELECT s.run_id, s.idx,
+                s.run_finished_at IS NOT DISTINCT FROM r.finished_at AND s.device_id IS NOT DISTINCT FROM r.device_id
+                AND s.run_kind IS NOT DISTINCT FROM r.kind AND s.schedule_id IS NOT DISTINCT FROM r.schedule_id
+         FROM run_steps s JOIN runs r ON r.id = s.run_id ORDER BY r.created_at, s.idx",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let ids: Vec<String> = rows.iter().map(|(id, idx, _)| format!("{id}/{idx}")).collect();
+    assert_eq!(ids, [format!("{module}/0"), format!("{wf_run}/0"), format!("{wf_run}/1")]);
+    assert!(rows.iter().all(|(_, _, same)| *same), "{rows:?}");
+    let stamped: i64 = sqlx::query_scalar("SELECT count(*) FROM run_steps WHERE run_finished_at IS NOT NULL")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(stamped, 3);
+    // The modules figures read them: the two passes, and the cancelled step left out.
+    let m = api.get("/api/v1/dashboard/modules?window=1h&pool=facts").await.body;
+    let sleep = m["items"].as_array().unwrap().iter().find(|r| r["module"] == "sleep").cloned().unwrap();
+    assert_eq!((sleep["runs"].clone(), sleep["passed"].clone()), (json!(2), json!(2)), "{m}");
+    let m = api.get("/api/v1/dashboard/modules?window=1h&kind=workflow").await.body;
+    assert_eq!(m["items"][0]["passed"], 1, "{m}");
+}
+
 /// Ages a run (and, with `family`, its campaign children) by `days`, as if it had
 /// ended then.
 async fn age(pg: &sqlx::PgPool, run: &str, days: i32, family: bool) {

@@ -190,15 +190,22 @@ pub(crate) async fn end_each(conn: &mut PgConnection, endings: &[RunEnd<'_>]) ->
                 held = false, not_before = NULL,
                 cancel_requested = cancel_requested OR x.status = 'cancelled', updated_at = now()
             FROM x WHERE runs.id = x.id AND runs.status IN ('queued', 'running')
-            RETURNING runs.id, runs.kind, runs.status, runs.attempt, runs.device_id, runs.started_at,
-                      runs.finished_at, x.result, x.error),
+            RETURNING runs.id, runs.kind, runs.status, runs.attempt, runs.device_id, runs.schedule_id,
+                      runs.started_at, runs.finished_at, x.result, x.error),
            e AS (INSERT INTO events (type, run_id, device_id, data)
            SELECT $5, r.id, r.device_id, jsonb_build_object('status', r.status, 'attempt', r.attempt,
                   'device_id', r.device_id, 'result', r.result, 'error', r.error,
                   'duration_ms', (extract(epoch FROM r.finished_at - r.started_at) * 1000)::bigint)
-           FROM r)
-           -- The events are written whether or not this reads them (a data-modifying
-           -- CTE always runs to completion).
+           FROM r),
+           -- The steps already written (a workflow's earlier steps, an earlier attempt's)
+           -- get the run's facts (migration 0013); steps written after this, in the same
+           -- transaction, copy them from the ended row. A module run has none yet: one
+           -- primary-key probe that finds nothing.
+           s AS (UPDATE run_steps SET run_finished_at = r.finished_at, device_id = r.device_id,
+                     run_kind = r.kind, schedule_id = r.schedule_id
+                 FROM r WHERE run_steps.run_id = r.id)
+           -- The events and stamps are written whether or not this reads them (a
+           -- data-modifying CTE always runs to completion).
            SELECT id AS "id!: RunId", kind AS "kind!: RunKind", status AS "status!: RunStatus", started_at,
                   finished_at FROM r"#,
         &endings.iter().map(|e| e.id.0).collect::<Vec<_>>(),
@@ -266,14 +273,23 @@ pub(crate) async fn write_steps(conn: &mut PgConnection, steps: &[(RunId, &RunSt
     }
     let col = |f: &dyn Fn(&RunStep) -> Option<DateTime<Utc>>| steps.iter().map(|(_, s)| f(s)).collect::<Vec<_>>();
     sqlx::query!(
-        "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at, result, error)
-         SELECT run_id, idx, module, params, status::step_status, attempt, started_at, finished_at, result, error
+        // The run's facts (migration 0013) are copied from its row as this transaction
+        // sees it: a run that `end_each` ended just before carries its end, a run
+        // still running or requeued none yet (its end stamps them).
+        "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at, result, error,
+                                run_finished_at, device_id, run_kind, schedule_id)
+         SELECT s.run_id, s.idx, s.module, s.params, s.status::step_status, s.attempt, s.started_at, s.finished_at,
+                s.result, s.error, CASE WHEN r.status NOT IN ('queued', 'running') THEN r.finished_at END,
+                r.device_id, r.kind, r.schedule_id
          FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6::int4[], $7::timestamptz[],
                      $8::timestamptz[], $9::jsonb[], $10::jsonb[])
               AS s(run_id, idx, module, params, status, attempt, started_at, finished_at, result, error)
+         JOIN runs r ON r.id = s.run_id
          ON CONFLICT (run_id, idx) DO UPDATE SET module = EXCLUDED.module, params = EXCLUDED.params,
             status = EXCLUDED.status, attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
-            finished_at = EXCLUDED.finished_at, result = EXCLUDED.result, error = EXCLUDED.error",
+            finished_at = EXCLUDED.finished_at, result = EXCLUDED.result, error = EXCLUDED.error,
+            run_finished_at = EXCLUDED.run_finished_at, device_id = EXCLUDED.device_id,
+            run_kind = EXCLUDED.run_kind, schedule_id = EXCLUDED.schedule_id",
         &steps.iter().map(|(run, _)| run.0).collect::<Vec<_>>(),
         &steps.iter().map(|(_, s)| s.index).collect::<Vec<_>>(),
         &steps.iter().map(|(_, s)| s.module.clone()).collect::<Vec<_>>(),
