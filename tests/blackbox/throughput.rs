@@ -383,3 +383,56 @@ async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device()
     count_reaches(&pg, 30, "all 27 runs to succeed", "SELECT count(*) FROM runs WHERE status = 'succeeded'", 27).await;
     pg.close().await;
 }
+
+/// Devices released together are handed their next runs together (issue 13): one
+/// read of every released device's candidates, then each device its own run. No run is
+/// given to two devices, no device runs two at once, and every run is executed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_released_together_are_handed_distinct_runs() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    for i in 0..12 {
+        api.device(&format!("hand-{i}"), "hand", json!({})).await;
+    }
+    // Runs of one length on twelve devices end together; one finish lane makes them
+    // share a finish transaction, and so its hand-offs.
+    let items: Vec<Value> =
+        (0..60).map(|_| json!({"module": "sleep", "params": {"ms": 200}, "device": {"pool": "hand"}})).collect();
+    let (status, started) = batch(&api, Value::Array(items)).await;
+    assert_eq!(status, 202, "{}", started["error"]);
+    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "12"), ("SWITCHBOARD_FINISH_LANES", "1")]);
+    let pg = env.pg().await;
+    count_reaches(&pg, 60, "every run to succeed", "SELECT count(*) FROM runs WHERE status = 'succeeded'", 60).await;
+    // Each run started once, on one device.
+    let starts: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM runs r LEFT JOIN events e ON e.run_id = r.id AND e.type = 'run.started' GROUP BY r.id",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert!(starts.len() == 60 && starts.iter().all(|n| *n == 1), "run.started per run: {starts:?}");
+    // No device ran two at once: on each, a run starts after the one before it ended.
+    let overlaps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT started_at, lag(finished_at) OVER (PARTITION BY device_id ORDER BY started_at) AS prev
+                               FROM runs) x WHERE started_at < prev",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(overlaps, 0, "a device ran two runs at once");
+    // And finish transactions handed several runs over at once: run.started rows that
+    // share a run.finished's transaction, more than one in it.
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT xmin::text FROM events WHERE type = 'run.started'
+                                 AND xmin::text IN (SELECT xmin::text FROM events WHERE type = 'run.finished')
+                               GROUP BY 1 HAVING count(*) > 1) x",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(shared > 0, "no finish transaction handed over more than one run");
+    let leased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").fetch_one(&pg).await.unwrap();
+    assert_eq!(leased, 0);
+    pg.close().await;
+}

@@ -376,6 +376,22 @@ pub(crate) async fn lock_for_hand_off(conn: &mut PgConnection, id: DeviceId) -> 
     Ok(row.map(Device::from))
 }
 
+/// `lock_for_hand_off` for the devices of a finish batch, in one statement: those free
+/// to take a run now, locked (`SKIP LOCKED`, as one by one), with sorting switched off
+/// for the rest of the transaction.
+pub(crate) async fn lock_many_for_hand_off(conn: &mut PgConnection, ids: &[DeviceId]) -> CoreResult<Vec<Device>> {
+    let rows = sqlx::query_as!(
+        DeviceRow,
+        "SELECT d.* FROM devices d
+         WHERE d.id = ANY ($1) AND device_claimable(d) AND set_config('enable_sort', 'off', true) = 'off'
+         FOR UPDATE SKIP LOCKED",
+        ids as &[DeviceId]
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(Device::from).collect())
+}
+
 /// The breaker a locked, claimable device gets with its lease, and whether the run is
 /// its probe: a run that touches the device (`may_probe`) turns a cooled-down open
 /// breaker half-open. (A half-open device is not claimable, so only `open` turns.)

@@ -65,7 +65,7 @@ pub enum ClaimOutcome {
 }
 
 /// A run locked for claiming, with its stored selector and snapshot still raw.
-struct Candidate {
+pub(super) struct Candidate {
     locked: Locked,
     due: bool,
     not_before: Option<DateTime<Utc>>,
@@ -115,6 +115,23 @@ async fn lock_candidates(conn: &mut PgConnection, ids: &[RunId]) -> CoreResult<H
                   not_before, (not_before IS NULL OR not_before <= now()) AS "due!",
                   selector AS "selector: Value", definition AS "definition: Value"
            FROM runs WHERE id = ANY ($1) ORDER BY id FOR UPDATE"#,
+        ids as &[RunId]
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, Candidate::from(r))).collect())
+}
+
+/// Locks the runs a batch of hand-offs picked (`hand_off`) that are still queued.
+/// `SKIP LOCKED`: a run another claimer holds now is left to it, and its device looks
+/// again on its own (`hand_over`).
+pub(super) async fn lock_picked(conn: &mut PgConnection, ids: &[RunId]) -> CoreResult<HashMap<RunId, Candidate>> {
+    let rows = sqlx::query_as!(
+        CandidateRow,
+        r#"SELECT id, status, kind, attempt, max_attempts, paused, cancel_requested, held, device_id, lease_owner,
+                  not_before, (not_before IS NULL OR not_before <= now()) AS "due!",
+                  selector AS "selector: Value", definition AS "definition: Value"
+           FROM runs WHERE id = ANY ($1) AND status = 'queued' FOR UPDATE SKIP LOCKED"#,
         ids as &[RunId]
     )
     .fetch_all(&mut *conn)
@@ -300,7 +317,7 @@ pub async fn claim_for_device(
 /// Gives a device locked by `devices::lock_for_hand_off` to the best queued run it can
 /// serve, on the caller's transaction; a candidate whose stored data is unreadable is
 /// ended on the way.
-async fn hand_over(
+pub(super) async fn hand_over(
     conn: &mut PgConnection,
     device: &Device,
     owner: &str,
@@ -308,19 +325,45 @@ async fn hand_over(
 ) -> CoreResult<Option<Claimed>> {
     loop {
         let Some(c) = next_candidate(conn, device.id).await? else { return Ok(None) };
-        // The query applies the same rule; should they ever disagree, hand nothing
-        // over rather than pick the same row again.
-        if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
-            return Ok(None);
+        match try_start(conn, c, device, owner, ttl).await? {
+            Tried::Started(claimed) => return Ok(Some(claimed)),
+            // The query applies the same rule; should they ever disagree, hand nothing
+            // over rather than pick the same row again.
+            Tried::NotStartable => return Ok(None),
+            Tried::Unreadable => continue,
         }
-        match selector_of(&c).and_then(|_| definition_of(&c)) {
-            Ok(definition) => {
-                return Ok(Some(assign(conn, c.locked.id, device, owner, ttl, definition.touches_device()).await?));
-            }
-            Err(error) => {
-                tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
-                transitions::end(conn, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
-            }
+    }
+}
+
+/// What giving a device to one locked candidate did.
+pub(super) enum Tried {
+    /// Started on the device.
+    Started(Claimed),
+    /// Decided not startable on what was locked (not due, held, no longer queued).
+    NotStartable,
+    /// Its stored selector or snapshot is unreadable: it was ended `errored`.
+    Unreadable,
+}
+
+/// Starts a locked candidate on a locked, claimable device, if it is still startable.
+pub(super) async fn try_start(
+    conn: &mut PgConnection,
+    c: Candidate,
+    device: &Device,
+    owner: &str,
+    ttl: Duration,
+) -> CoreResult<Tried> {
+    if lifecycle::decide(c.locked.state, Command::Claim { due: c.due }) != Decision::Start {
+        return Ok(Tried::NotStartable);
+    }
+    match selector_of(&c).and_then(|_| definition_of(&c)) {
+        Ok(definition) => {
+            Ok(Tried::Started(assign(conn, c.locked.id, device, owner, ttl, definition.touches_device()).await?))
+        }
+        Err(error) => {
+            tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
+            transitions::end(conn, &[c.locked.id], RunStatus::Errored, None, Some(&error)).await?;
+            Ok(Tried::Unreadable)
         }
     }
 }
@@ -521,17 +564,17 @@ pub async fn finish_many(
     transitions::end_each(&mut tx, &endings).await?;
     transitions::write_steps(&mut tx, &steps).await?;
     devices::release_each(&mut tx, owner, policy.breaker, &releases).await?;
-    let mut next = Vec::with_capacity(requests.len());
-    for (request, done) in requests.iter().zip(&finished) {
-        next.push(match (done, request.hand_off) {
+    let wanted: Vec<(DeviceId, Duration)> = requests
+        .iter()
+        .zip(&finished)
+        .filter_map(|(request, done)| match (done, request.hand_off) {
             (Finished::Refused, _) | (_, None) => None,
-            (_, Some(ttl)) => match devices::lock_for_hand_off(&mut tx, request.claimed.device.id).await? {
-                Some(free) => hand_over(&mut tx, &free, owner, ttl).await?,
-                None => None,
-            },
-        });
-    }
+            (_, Some(ttl)) => Some((request.claimed.device.id, ttl)),
+        })
+        .collect();
+    let mut handed = super::hand_off::hand_over_many(&mut tx, &wanted, owner).await?;
     tx.commit().await?;
+    let next: Vec<Option<Claimed>> = requests.iter().map(|r| handed.remove(&r.claimed.device.id)).collect();
     for request in refused {
         // Only an event: the outcomes above are committed, and must be reported as such.
         if let Err(e) = refuse(pool, &request.claimed, owner, &request.outcome).await {

@@ -11,6 +11,7 @@
 
 mod control;
 mod creation;
+mod hand_off;
 mod leasing;
 mod recovery;
 mod transitions;
