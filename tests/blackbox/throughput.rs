@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-use crate::harness::{Api, Env};
+use crate::harness::{Api, Env, json_logs};
 
 async fn count_runs(env: &Env) -> i64 {
     let pg = env.pg().await;
@@ -395,14 +395,41 @@ async fn devices_released_together_are_handed_distinct_runs() {
         api.device(&format!("hand-{i}"), "hand", json!({})).await;
     }
     // Runs of one length on twelve devices end together; one finish lane makes them
-    // share a finish transaction, and so its hand-offs.
+    // share a finish transaction, and so its hand-offs. More slots than devices keep
+    // deliveries coming, whose claims lock queued runs while the hand-offs pick theirs.
     let items: Vec<Value> =
-        (0..60).map(|_| json!({"module": "sleep", "params": {"ms": 200}, "device": {"pool": "hand"}})).collect();
+        (0..120).map(|_| json!({"module": "sleep", "params": {"ms": 100}, "device": {"pool": "hand"}})).collect();
     let (status, started) = batch(&api, Value::Array(items)).await;
     assert_eq!(status, 202, "{}", started["error"]);
-    let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "12"), ("SWITCHBOARD_FINISH_LANES", "1")]);
+    let _worker = env.worker(&[
+        ("SWITCHBOARD_WORKER_CONCURRENCY", "32"),
+        ("SWITCHBOARD_FINISH_LANES", "1"),
+        ("SWITCHBOARD_LOG_FORMAT", "json"),
+    ]);
     let pg = env.pg().await;
-    count_reaches(&pg, 60, "every run to succeed", "SELECT count(*) FROM runs WHERE status = 'succeeded'", 60).await;
+    let done = "SELECT count(*) FROM runs WHERE status = 'succeeded'";
+    count_reaches(&pg, 60, "a first wave to end", done, 24).await;
+    // The oldest waiting runs, every device's first choice, held by another
+    // transaction: the picks fail, and those devices look again alone, after the
+    // batch's other picks.
+    let mut holder = pg.begin().await.unwrap();
+    let held: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM runs WHERE status = 'queued' ORDER BY priority DESC, queued_at, id LIMIT 3 FOR UPDATE",
+    )
+    .fetch_all(&mut *holder)
+    .await
+    .unwrap();
+    assert_eq!(held.len(), 3);
+    // Held for a few rounds of hand-offs only: the deliveries of held runs wait for
+    // them, each with one of the worker's connections.
+    count_reaches(&pg, 60, "more to end meanwhile", done, 60).await;
+    holder.commit().await.unwrap();
+    count_reaches(&pg, 60, "every run to succeed", done, 120).await;
+    // Written together, not rescued one by one: a batch whose transaction failed (two
+    // devices starting one run would) is written again alone, and says so.
+    let alone: Vec<String> =
+        json_logs(&env, "worker").iter().map(Value::to_string).filter(|l| l.contains("writing each alone")).collect();
+    assert!(alone.is_empty(), "finish batches that failed: {alone:?}");
     // Each run started once, on one device.
     let starts: Vec<i64> = sqlx::query_scalar(
         "SELECT count(*) FROM runs r LEFT JOIN events e ON e.run_id = r.id AND e.type = 'run.started' GROUP BY r.id",
@@ -410,7 +437,7 @@ async fn devices_released_together_are_handed_distinct_runs() {
     .fetch_all(&pg)
     .await
     .unwrap();
-    assert!(starts.len() == 60 && starts.iter().all(|n| *n == 1), "run.started per run: {starts:?}");
+    assert!(starts.len() == 120 && starts.iter().all(|n| *n == 1), "run.started per run: {starts:?}");
     // No device ran two at once: on each, a run starts after the one before it ended.
     let overlaps: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT started_at, lag(finished_at) OVER (PARTITION BY device_id ORDER BY started_at) AS prev

@@ -326,7 +326,7 @@ pub(super) async fn hand_over(
     loop {
         let Some(c) = next_candidate(conn, device.id).await? else { return Ok(None) };
         match try_start(conn, c, device, owner, ttl).await? {
-            Tried::Started(claimed) => return Ok(Some(claimed)),
+            Tried::Started(claimed) => return Ok(Some(*claimed)),
             // The query applies the same rule; should they ever disagree, hand nothing
             // over rather than pick the same row again.
             Tried::NotStartable => return Ok(None),
@@ -338,7 +338,7 @@ pub(super) async fn hand_over(
 /// What giving a device to one locked candidate did.
 pub(super) enum Tried {
     /// Started on the device.
-    Started(Claimed),
+    Started(Box<Claimed>),
     /// Decided not startable on what was locked (not due, held, no longer queued).
     NotStartable,
     /// Its stored selector or snapshot is unreadable: it was ended `errored`.
@@ -358,7 +358,8 @@ pub(super) async fn try_start(
     }
     match selector_of(&c).and_then(|_| definition_of(&c)) {
         Ok(definition) => {
-            Ok(Tried::Started(assign(conn, c.locked.id, device, owner, ttl, definition.touches_device()).await?))
+            let claimed = assign(conn, c.locked.id, device, owner, ttl, definition.touches_device()).await?;
+            Ok(Tried::Started(Box::new(claimed)))
         }
         Err(error) => {
             tracing::error!(run_id = %c.locked.id, error = %error.message, "ending a run whose stored data is unreadable");
