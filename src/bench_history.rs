@@ -242,8 +242,8 @@ async fn measure(pool: &PgPool, cfg: &HistoryConfig) -> anyhow::Result<Value> {
     time!("dashboard devices, 7d", dashboard::devices(pool, &window("7d")));
     time!("dashboard modules, 24h", dashboard::modules(pool, &window("24h")));
     time!("dashboard modules, 7d", dashboard::modules(pool, &window("7d")));
-    time!("dashboard flaky, 24h", dashboard::flaky(pool, &window("24h")));
-    time!("dashboard flaky, 7d", dashboard::flaky(pool, &window("7d")));
+    time!("dashboard flaky, 24h", dashboard::flaky(pool, &window("24h"), None));
+    time!("dashboard flaky, 7d", dashboard::flaky(pool, &window("7d"), None));
     time!("dashboard activity, 24h", dashboard::recent(pool, &window("24h"), 50));
     time!("dashboard activity, 24h, pool", dashboard::recent(pool, &pooled("24h"), 50));
     time!("search: a device", search::search(pool, "dev-012", 20));

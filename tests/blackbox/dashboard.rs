@@ -152,6 +152,11 @@ async fn dashboard_figures_match_the_runs_that_made_them() {
     assert_eq!(items[0]["device_serial"], "dash-flaky");
     assert_eq!(items[0]["passed_on_retry"], json!([retry_id]));
     assert_eq!(items[0]["passed_on_same_device"], json!([retry_id]));
+    let capped = api.get("/api/v1/dashboard/flaky?window=1h&limit=1").await.body;
+    assert_eq!(capped["items"], fl["items"], "{capped}");
+    let r = api.get("/api/v1/dashboard/flaky?window=1h&limit=0").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.body["error"]["details"]["fields"]["limit"].is_string(), "{:?}", r.body);
 
     // Recent activity: newest first, bounded, filtered.
     let recent = api.get("/api/v1/dashboard/activity/recent?window=1h&limit=5").await.body;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use switchboard_core::{
     events::Event,
     history::{HistoryFilter, Window},
+    pagination,
     repo::dashboard::{self, DeviceFigures, FlakyFailure, ModuleFigures, Summary},
 };
 
@@ -100,16 +101,19 @@ pub async fn modules(
     Ok(Json(Rows { window: filter.window.to_string(), items }))
 }
 
-/// Every flaky failed verdict of the window, with the passing runs that make it flaky.
+/// Every flaky failed verdict of the window (or the newest `limit`), with the passing
+/// runs that make it flaky.
 #[utoipa::path(get, path = "/api/v1/dashboard/flaky", operation_id = "dashboardFlaky", tag = "dashboard",
-    params(HistoryQuery),
+    params(HistoryQuery, ("limit" = Option<i64>, Query, minimum = 1, maximum = 500,
+        description = "At most this many, the newest (default: all of the window's)")),
     responses((status = 200, description = "Flaky failures, newest first", body = Rows<FlakyFailure>)))]
 pub async fn flaky(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Rows<FlakyFailure>>> {
-    let (filter, _) = history(q, &[])?;
-    let items = dashboard::flaky(&state.engine.pool, &filter).await?;
+    let (filter, q) = history(q, &["limit"])?;
+    let limit = q.int("limit")?.map(|n| pagination::limit(Some(n))).transpose()?;
+    let items = dashboard::flaky(&state.engine.pool, &filter, limit).await?;
     Ok(Json(Rows { window: filter.window.to_string(), items }))
 }
 

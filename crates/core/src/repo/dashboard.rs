@@ -324,23 +324,26 @@ pub struct FlakyFailure {
     pub passed_on_same_device: Vec<RunId>,
 }
 
-/// Every flaky failed verdict in the window, newest first. A failed step is flaky when
-/// a retry of its run (following `retry_of`, retries of retries included) passed the
-/// same step, or when the same module with the same effective parameters passed on the
-/// same device within the window.
-pub async fn flaky(pool: &PgPool, f: &HistoryFilter) -> CoreResult<Vec<FlakyFailure>> {
+/// The flaky failed verdicts in the window, newest first, the first `limit` of them
+/// (`None`: all). A failed step is flaky when a retry of its run (following `retry_of`,
+/// retries of retries included) passed the same step, or when the same module with the
+/// same effective parameters passed on the same device within the window.
+pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: Option<i64>) -> CoreResult<Vec<FlakyFailure>> {
     let rows = sqlx::query!(
         // The definition lives in the database (`flaky_failures`, migration 0012), so
         // Grafana's panel and this route count the same failures.
         r#"SELECT run_id AS "run_id!: RunId", idx AS "idx!", module AS "module!", params AS "params!",
                   device_id AS "device_id?: DeviceId", device_serial, failed_at AS "failed_at!",
                   passed_on_retry AS "on_retry!: Vec<RunId>", passed_on_same_device AS "on_device!: Vec<RunId>"
-           FROM flaky_failures(now() - make_interval(secs => $1), 'infinity', $2, $3, $4, $5)"#,
+           FROM flaky_failures(now() - make_interval(secs => $1), 'infinity', $2, $3, $4, $5)
+           LIMIT $6"#,
         f.window.seconds(),
         f.pool,
         f.label,
         f.schedule_id as Option<ScheduleId>,
         f.kind as Option<RunKind>,
+        // `LIMIT NULL` is no limit.
+        limit,
     )
     .fetch_all(pool)
     .await?;
