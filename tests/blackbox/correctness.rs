@@ -238,9 +238,7 @@ async fn campaign_items_are_validated_and_campaign_runs_time_out() {
     let api = env.api(&[]);
     let _s = env.scheduler(FAST);
     let _w = env.worker(&with(FAST, &[("SWITCHBOARD_WORKER_CONCURRENCY", "4")]));
-    for i in 0..2 {
-        api.device(&format!("cor-camp-{i}"), "farm", json!({})).await;
-    }
+    api.devices("cor-camp", "farm", 2, json!({})).await;
     let r = api
         .post(
             "/api/v1/campaigns",

@@ -85,9 +85,7 @@ async fn a_frozen_worker_cannot_finish_a_run_that_was_reassigned() {
 async fn runs_survive_losing_every_redis_key() {
     let env = Env::new();
     let api = env.api(&[]);
-    for i in 0..4 {
-        api.device(&format!("dur-flush-{i}"), "lab", json!({})).await;
-    }
+    api.devices("dur-flush", "lab", 4, json!({})).await;
     let mut ids = Vec::new();
     for _ in 0..50 {
         let run = api.start("sleep", json!({"params": {"ms": 5}, "device": {"pool": "lab"}})).await;
@@ -288,9 +286,7 @@ async fn a_busy_pool_never_delays_another_pool_and_never_double_books() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
-    for i in 0..3 {
-        api.device(&format!("dur-pa-{i}"), "pool-a", json!({})).await;
-    }
+    api.devices("dur-pa", "pool-a", 3, json!({})).await;
     api.device("dur-pb-0", "pool-b", json!({})).await;
     let mut ids = Vec::new();
     for _ in 0..24 {
@@ -488,9 +484,7 @@ async fn redis_memory_returns_to_idle_after_five_thousand_runs() {
     let api = std::sync::Arc::new(env.api(&no_limits));
     let _scheduler = env.scheduler(FAST);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "16")]);
-    for i in 0..8 {
-        api.device(&format!("dur-mem-{i}"), "lab", json!({})).await;
-    }
+    api.devices("dur-mem", "lab", 8, json!({})).await;
     // Idle level: one warm-up run delivered and trimmed.
     let warm = api.start("sleep", json!({"params": {"ms": 0}, "device": {"pool": "lab"}})).await;
     api.wait_terminal(warm["id"].as_str().unwrap(), Duration::from_secs(20)).await;

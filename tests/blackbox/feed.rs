@@ -105,9 +105,7 @@ async fn a_follower_resumes_after_an_api_restart_with_every_event_once_in_order(
     let env = Env::new();
     let mut api = env.api(&[]);
     let _w = env.worker(FAST);
-    for i in 0..4 {
-        api.device(&format!("feed-{i}"), "lab", json!({})).await;
-    }
+    api.devices("feed", "lab", 4, json!({})).await;
     let (_, start) = page_all(&api, "0", "").await;
     let mut ws = connect(&api, &format!("since={start}&topics=runs")).await;
     let mut runs = Vec::new();

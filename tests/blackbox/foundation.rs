@@ -271,9 +271,7 @@ async fn forty_concurrent_runs_on_four_devices_never_share_a_device() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w1 = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
-    for i in 0..4 {
-        api.device(&format!("bb-share-{i}"), "farm", json!({})).await;
-    }
+    api.devices("bb-share", "farm", 4, json!({})).await;
     let mut ids = Vec::new();
     for _ in 0..40 {
         let run = api.start("sleep", json!({"params": {"ms": 60}, "device": {"pool": "farm"}})).await;

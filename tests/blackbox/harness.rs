@@ -341,6 +341,13 @@ impl Api {
         self.request("DELETE", path, None, Some(ADMIN_TOKEN)).await
     }
 
+    /// Registers `n` sim devices, `{prefix}-0` to `{prefix}-{n-1}`, in one pool.
+    pub async fn devices(&self, prefix: &str, pool: &str, n: usize, sim: Value) {
+        for i in 0..n {
+            self.device(&format!("{prefix}-{i}"), pool, sim.clone()).await;
+        }
+    }
+
     /// Registers a sim device and returns it.
     pub async fn device(&self, serial: &str, pool: &str, sim: Value) -> Value {
         let r = self

@@ -62,9 +62,7 @@ async fn a_workflow_runs_its_steps_in_order_on_one_device() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[]);
-    for i in 0..3 {
-        api.device(&format!("orc-wf-{i}"), "lab", json!({"latency_ms": 10})).await;
-    }
+    api.devices("orc-wf", "lab", 3, json!({"latency_ms": 10})).await;
     let wf = workflow(
         &api,
         "smoke",
@@ -262,9 +260,7 @@ async fn a_campaign_never_exceeds_max_parallel_and_summarises() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
-    for i in 0..6 {
-        api.device(&format!("orc-par-{i}"), "farm", json!({})).await;
-    }
+    api.devices("orc-par", "farm", 6, json!({})).await;
     let items: Vec<Value> =
         (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 300}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "six", "items": items, "max_parallel": 2})).await;
@@ -288,9 +284,7 @@ async fn stop_on_failure_cancels_the_children_not_yet_started() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "8")]);
-    for i in 0..4 {
-        api.device(&format!("orc-stop-{i}"), "farm", json!({})).await;
-    }
+    api.devices("orc-stop", "farm", 4, json!({})).await;
     let c = campaign(
         &api,
         json!({"name": "stopper", "stop_on_failure": true, "max_parallel": 2, "items": [
@@ -325,9 +319,7 @@ async fn a_campaign_survives_its_worker_being_killed() {
     let api = env.api(&[]);
     let _s = env.scheduler(FAST);
     let mut a = env.worker(&with(FAST, &[("SWITCHBOARD_WORKER_CONCURRENCY", "4")]));
-    for i in 0..3 {
-        api.device(&format!("orc-kill-{i}"), "farm", json!({})).await;
-    }
+    api.devices("orc-kill", "farm", 3, json!({})).await;
     let items: Vec<Value> =
         (0..6).map(|_| json!({"module": "sleep", "params": {"ms": 1000}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "crashy", "items": items, "max_parallel": 2})).await;
@@ -366,9 +358,7 @@ async fn cancelling_a_campaign_cancels_its_children() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "4")]);
-    for i in 0..2 {
-        api.device(&format!("orc-cc-{i}"), "farm", json!({})).await;
-    }
+    api.devices("orc-cc", "farm", 2, json!({})).await;
     let items: Vec<Value> =
         (0..4).map(|_| json!({"module": "sleep", "params": {"ms": 30000}, "device": {"pool": "farm"}})).collect();
     let c = campaign(&api, json!({"name": "long", "items": items, "max_parallel": 2})).await;
@@ -392,9 +382,7 @@ async fn retry_makes_a_new_run_of_the_same_snapshot() {
     let env = Env::new();
     let api = env.api(&[]);
     let _w = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "4")]);
-    for i in 0..2 {
-        api.device(&format!("orc-retry-{i}"), "farm", json!({})).await;
-    }
+    api.devices("orc-retry", "farm", 2, json!({})).await;
     let failed =
         api.start("sleep", json!({"params": {"ms": 5, "outcome": "failed"}, "device": {"pool": "farm"}})).await;
     let failed_id = failed["id"].as_str().unwrap();

@@ -9,9 +9,14 @@ use serde_json::{Value, json};
 
 use crate::harness::{Api, Env, json_logs};
 
+/// The one number `sql` selects.
+async fn scalar(pg: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pg).await.unwrap()
+}
+
 async fn count_runs(env: &Env) -> i64 {
     let pg = env.pg().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&pg).await.unwrap();
+    let n = scalar(&pg, "SELECT count(*) FROM runs").await;
     pg.close().await;
     n
 }
@@ -20,10 +25,7 @@ async fn count_runs(env: &Env) -> i64 {
 async fn count_reaches(pg: &sqlx::PgPool, secs: u64, what: &str, count_sql: &'static str, at_least: i64) {
     crate::harness::eventually(Duration::from_secs(secs), what, || {
         let pg = pg.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(count_sql).fetch_one(&pg).await.unwrap();
-            (n >= at_least).then_some(())
-        }
+        async move { (scalar(&pg, count_sql).await >= at_least).then_some(()) }
     })
     .await;
 }
@@ -144,9 +146,7 @@ async fn a_full_batch_of_1000_runs_all_finish() {
     let env = Env::new();
     let api = env.api(&[]);
     let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "16")]);
-    for i in 0..8 {
-        api.device(&format!("thousand-{i}"), "thousand", json!({})).await;
-    }
+    api.devices("thousand", "thousand", 8, json!({})).await;
     let items: Vec<Value> = (0..1000)
         .map(|i| json!({"module": "sleep", "params": {"ms": i % 3}, "device": {"pool": "thousand"}}))
         .collect();
@@ -162,8 +162,7 @@ async fn a_full_batch_of_1000_runs_all_finish() {
         1000,
     )
     .await;
-    let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'run.queued'").fetch_one(&pg).await.unwrap();
+    let events = scalar(&pg, "SELECT count(*) FROM events WHERE type = 'run.queued'").await;
     assert_eq!(events, 1000, "one run.queued per run");
     pg.close().await;
 }
@@ -205,16 +204,12 @@ async fn concurrent_starts_share_commits_and_keep_their_guarantees() {
             sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1").bind(id).fetch_one(&pg).await.unwrap();
         assert_eq!(n, 1);
     }
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&pg).await.unwrap();
+    let total = scalar(&pg, "SELECT count(*) FROM runs").await;
     assert_eq!(total, 30);
     // The starts did share statements: fewer INSERTs than runs.
-    let shared: i64 = sqlx::query_scalar(
-        // One statement's rows share their transaction's now().
-        "SELECT count(*) FROM (SELECT created_at FROM runs GROUP BY 1 HAVING count(*) > 1) s",
-    )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    // One statement's rows share their transaction's now().
+    let shared =
+        scalar(&pg, "SELECT count(*) FROM (SELECT created_at FROM runs GROUP BY 1 HAVING count(*) > 1) s").await;
     assert!(shared > 0, "no two runs share a transaction");
     pg.close().await;
 }
@@ -226,9 +221,7 @@ async fn concurrent_starts_share_commits_and_keep_their_guarantees() {
 async fn a_pile_of_9000_pushed_runs_does_not_stall_the_workers() {
     let env = Env::new();
     let api = env.api(&[]);
-    for i in 0..4 {
-        api.device(&format!("pile-{i}"), "pile", json!({})).await;
-    }
+    api.devices("pile", "pile", 4, json!({})).await;
     let items: Vec<Value> =
         (0..1000).map(|_| json!({"module": "sleep", "params": {"ms": 0}, "device": {"pool": "pile"}})).collect();
     for _ in 0..9 {
@@ -256,9 +249,7 @@ async fn outcomes_written_together_each_keep_their_own_fate() {
     let api = env.api(&[]);
     // One finish transaction at a time: whatever ends meanwhile has to share the next.
     let _worker = env.worker(&[("SWITCHBOARD_WORKER_CONCURRENCY", "32"), ("SWITCHBOARD_FINISH_LANES", "1")]);
-    for i in 0..8 {
-        api.device(&format!("fin-ok-{i}"), "fin-ok", json!({})).await;
-    }
+    api.devices("fin-ok", "fin-ok", 8, json!({})).await;
     api.device("fin-fail-0", "fin-fail", json!({"fail_rate": 1.0})).await;
     api.device("fin-fail-1", "fin-fail", json!({"fail_rate": 1.0})).await;
     let bad = api.device("fin-err-0", "fin-err", json!({"error_rate": 1.0})).await;
@@ -294,32 +285,19 @@ async fn outcomes_written_together_each_keep_their_own_fate() {
         expected.iter().map(|(p, r, s, n)| (p.to_string(), r.to_string(), s.to_string(), *n)).collect();
     assert_eq!(by_pool, expected);
     // One run.finished per run, saying its own status.
-    let wrong: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM runs r WHERE (SELECT count(*) FROM events e WHERE e.run_id = r.id AND e.type = 'run.finished'
-             AND e.data ->> 'status' = r.status::text) <> 1",
-    )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    let wrong = scalar(&pg, "SELECT count(*) FROM runs r WHERE (SELECT count(*) FROM events e WHERE e.run_id = r.id AND e.type = 'run.finished'
+             AND e.data ->> 'status' = r.status::text) <> 1").await;
     assert_eq!(wrong, 0, "runs without exactly one matching run.finished");
     // Every device released; the bad one's breaker counted both errors, the rest none.
-    let leased: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").fetch_one(&pg).await.unwrap();
+    let leased = scalar(&pg, "SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").await;
     assert_eq!(leased, 0);
     let d = api.get(&format!("/api/v1/devices/{}", bad["id"].as_str().unwrap())).await.body;
     assert_eq!(d["breaker"]["consecutive_failures"], 2, "{d}");
-    let counted: i64 = sqlx::query_scalar("SELECT sum(breaker_failures) FROM devices WHERE serial <> 'fin-err-0'")
-        .fetch_one(&pg)
-        .await
-        .unwrap();
+    let counted = scalar(&pg, "SELECT sum(breaker_failures) FROM devices WHERE serial <> 'fin-err-0'").await;
     assert_eq!(counted, 0);
     // And they were written together: fewer finish transactions than runs (rows one
     // transaction inserted share its xmin).
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.finished'")
-            .fetch_one(&pg)
-            .await
-            .unwrap();
+    let transactions = scalar(&pg, "SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.finished'").await;
     assert!(transactions < 104, "{transactions} finish transactions for 104 runs: none shared");
     pg.close().await;
 }
@@ -331,9 +309,7 @@ async fn outcomes_written_together_each_keep_their_own_fate() {
 async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device() {
     let env = Env::new();
     let api = env.api(&[]);
-    for i in 0..24 {
-        api.device(&format!("claim-{i}"), "claim", json!({})).await;
-    }
+    api.devices("claim", "claim", 24, json!({})).await;
     api.device("claim-one", "claim-one", json!({})).await;
     let sleep = |pool: &str| json!({"module": "sleep", "params": {"ms": 1500}, "device": {"pool": pool}});
     let mut items: Vec<Value> = (0..24).map(|_| sleep("claim")).collect();
@@ -357,28 +333,22 @@ async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device()
         })
         .await;
     assert_eq!((running, devices), (25, 25), "each run on its own device");
-    let leases: i64 = sqlx::query_scalar(
+    let leases = scalar(
+        &pg,
         "SELECT count(*) FROM devices d JOIN runs r ON r.id = d.lease_run_id AND r.device_id = d.id
          WHERE r.status = 'running'",
     )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(leases, 25, "each device leased to the run that runs on it");
-    let stranded: i64 = sqlx::query_scalar(
+    let stranded = scalar(
+        &pg,
         "SELECT count(*) FROM runs WHERE selector ->> 'pool' = 'claim-one' AND status = 'queued' AND device_id IS NULL",
     )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(stranded, 2, "runs whose one device is taken wait queued, holding nothing");
     // The claims shared transactions: fewer than one per run started (rows one
     // transaction inserted share its xmin).
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.started'")
-            .fetch_one(&pg)
-            .await
-            .unwrap();
+    let transactions = scalar(&pg, "SELECT count(DISTINCT xmin::text) FROM events WHERE type = 'run.started'").await;
     assert!(transactions < 25, "{transactions} claim transactions for 25 runs: none shared");
     count_reaches(&pg, 30, "all 27 runs to succeed", "SELECT count(*) FROM runs WHERE status = 'succeeded'", 27).await;
     pg.close().await;
@@ -391,9 +361,7 @@ async fn deliveries_taken_together_are_claimed_together_each_on_its_own_device()
 async fn devices_released_together_are_handed_distinct_runs() {
     let env = Env::new();
     let api = env.api(&[]);
-    for i in 0..12 {
-        api.device(&format!("hand-{i}"), "hand", json!({})).await;
-    }
+    api.devices("hand", "hand", 12, json!({})).await;
     // Runs of one length on twelve devices end together; one finish lane makes them
     // share a finish transaction, and so its hand-offs. More slots than devices keep
     // deliveries coming, whose claims lock queued runs while the hand-offs pick theirs.
@@ -439,27 +407,20 @@ async fn devices_released_together_are_handed_distinct_runs() {
     .unwrap();
     assert!(starts.len() == 120 && starts.iter().all(|n| *n == 1), "run.started per run: {starts:?}");
     // No device ran two at once: on each, a run starts after the one before it ended.
-    let overlaps: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT started_at, lag(finished_at) OVER (PARTITION BY device_id ORDER BY started_at) AS prev
-                               FROM runs) x WHERE started_at < prev",
-    )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    let overlaps = scalar(&pg, "SELECT count(*) FROM (SELECT started_at, lag(finished_at) OVER (PARTITION BY device_id ORDER BY started_at) AS prev
+                               FROM runs) x WHERE started_at < prev").await;
     assert_eq!(overlaps, 0, "a device ran two runs at once");
     // And finish transactions handed several runs over at once: run.started rows that
     // share a run.finished's transaction, more than one in it.
-    let shared: i64 = sqlx::query_scalar(
+    let shared = scalar(
+        &pg,
         "SELECT count(*) FROM (SELECT xmin::text FROM events WHERE type = 'run.started'
                                  AND xmin::text IN (SELECT xmin::text FROM events WHERE type = 'run.finished')
                                GROUP BY 1 HAVING count(*) > 1) x",
     )
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    .await;
     assert!(shared > 0, "no finish transaction handed over more than one run");
-    let leased: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").fetch_one(&pg).await.unwrap();
+    let leased = scalar(&pg, "SELECT count(*) FROM devices WHERE lease_run_id IS NOT NULL").await;
     assert_eq!(leased, 0);
     pg.close().await;
 }
