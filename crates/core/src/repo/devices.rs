@@ -364,16 +364,7 @@ pub(crate) async fn pick_claimable(conn: &mut PgConnection, selector: &Selector)
 /// transaction, as the hand-off's walk of the queue needs (see `next_candidate` there):
 /// `set_config(..., true)` is `SET LOCAL`, here without a round trip of its own.
 pub(crate) async fn lock_for_hand_off(conn: &mut PgConnection, id: DeviceId) -> CoreResult<Option<Device>> {
-    let row = sqlx::query_as!(
-        DeviceRow,
-        "SELECT d.* FROM devices d
-         WHERE d.id = $1 AND device_claimable(d) AND set_config('enable_sort', 'off', true) = 'off'
-         FOR UPDATE SKIP LOCKED",
-        id as DeviceId
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(Device::from))
+    Ok(lock_many_for_hand_off(conn, &[id]).await?.pop())
 }
 
 /// `lock_for_hand_off` for the devices of a finish batch, in one statement: those free
