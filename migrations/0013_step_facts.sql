@@ -71,6 +71,22 @@ WHERE s.run_finished_at IS NOT NULL;
 -- spent 43 ms compiling a query that then ran in 70 ms. `work_mem` lets a 7-day
 -- window's groups hash in memory instead of sorting on disk.
 
+-- The steps of the runs that ended in [since, until), filtered as every dashboard
+-- figure is: pool and label are those of the device the step ran on (a step always
+-- ran on one), schedule and kind the run's. Written once for `module_figures` and
+-- `flaky_steps`; a plain SQL function, so the planner inlines it into their queries,
+-- folds away the absent filters, and still reads `run_steps_window_idx` alone.
+CREATE FUNCTION window_steps(since timestamptz, until timestamptz, in_pool text, in_label text, in_schedule uuid,
+                             in_kind run_kind)
+RETURNS SETOF run_steps LANGUAGE sql STABLE AS $$
+    SELECT s.* FROM run_steps s
+    WHERE s.run_finished_at >= since AND s.run_finished_at < until
+      AND (in_pool IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE d.pool = in_pool))
+      AND (in_label IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE in_label = ANY (d.labels)))
+      AND (in_schedule IS NULL OR s.schedule_id = in_schedule)
+      AND (in_kind IS NULL OR s.run_kind = in_kind)
+$$;
+
 -- Flaky failed verdicts (docs/dashboard.md) of the steps of runs that ended in
 -- [since, until), as 0012 defined them, read from the steps' own facts: a failed step
 -- is flaky when a retry of its run (following `retry_of`, retries of retries included)
@@ -96,13 +112,8 @@ BEGIN
                array_agg(s.run_id) FILTER (WHERE s.status = 'failed') AS fail_runs,
                array_agg(s.idx) FILTER (WHERE s.status = 'failed') AS fail_idx,
                array_agg(s.run_finished_at) FILTER (WHERE s.status = 'failed') AS fail_at
-        FROM run_steps s
-        WHERE s.run_finished_at >= since AND s.run_finished_at < until
-          AND s.status IN ('passed', 'failed')
-          AND (in_pool IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE d.pool = in_pool))
-          AND (in_label IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE in_label = ANY (d.labels)))
-          AND (in_schedule IS NULL OR s.schedule_id = in_schedule)
-          AND (in_kind IS NULL OR s.run_kind = in_kind)
+        FROM window_steps(since, until, in_pool, in_label, in_schedule, in_kind) s
+        WHERE s.status IN ('passed', 'failed')
         GROUP BY s.module, s.params_key, s.device_id
         HAVING count(*) FILTER (WHERE s.status = 'failed') > 0),
       -- Each group's passes, newest first, sorted once per group (not per failure).
@@ -148,7 +159,7 @@ $$;
 
 -- Per module, its steps of the runs that ended in [since, until) by status, and its
 -- flaky failures: `GET /dashboard/modules`. The steps come from `run_steps_window_idx`
--- alone.
+-- alone (`window_steps`).
 CREATE FUNCTION module_figures(since timestamptz, until timestamptz, in_pool text DEFAULT NULL,
                                in_label text DEFAULT NULL, in_schedule uuid DEFAULT NULL,
                                in_kind run_kind DEFAULT NULL)
@@ -163,12 +174,7 @@ BEGIN
                count(*) FILTER (WHERE s.status = 'failed') AS failed,
                count(*) FILTER (WHERE s.status = 'errored') AS errored,
                count(*) FILTER (WHERE s.status = 'timed_out') AS timed_out
-        FROM run_steps s
-        WHERE s.run_finished_at >= since AND s.run_finished_at < until
-          AND (in_pool IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE d.pool = in_pool))
-          AND (in_label IS NULL OR s.device_id IN (SELECT d.id FROM devices d WHERE in_label = ANY (d.labels)))
-          AND (in_schedule IS NULL OR s.schedule_id = in_schedule)
-          AND (in_kind IS NULL OR s.run_kind = in_kind)
+        FROM window_steps(since, until, in_pool, in_label, in_schedule, in_kind) s
         GROUP BY s.module),
       fl AS (
         SELECT x.module, count(*) AS flaky
