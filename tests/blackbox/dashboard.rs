@@ -152,6 +152,7 @@ async fn dashboard_figures_match_the_runs_that_made_them() {
     assert_eq!(items[0]["device_serial"], "dash-flaky");
     assert_eq!(items[0]["passed_on_retry"], json!([retry_id]));
     assert_eq!(items[0]["passed_on_same_device"], json!([retry_id]));
+    assert_eq!(fl["next_cursor"], Value::Null, "{fl}");
     let capped = api.get("/api/v1/dashboard/flaky?window=1h&limit=1").await.body;
     assert_eq!(capped["items"], fl["items"], "{capped}");
     let r = api.get("/api/v1/dashboard/flaky?window=1h&limit=0").await;
@@ -458,4 +459,162 @@ async fn retention_prunes_exactly_the_old_ended_runs_with_their_steps_and_events
     let device_events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'device.created'").fetch_one(&pg).await.unwrap();
     assert_eq!(device_events, 1, "the recent device's creation is kept");
+}
+
+/// One ended run written straight into the history: `steps` are (module, params,
+/// status); the run ended `ago_s` seconds ago on `device`. History of every shape in
+/// a second, where making each case with real runs would need a scriptable device.
+async fn ended_run(
+    pg: &sqlx::PgPool,
+    device: &str,
+    steps: &[(&str, Value, &str)],
+    ago_s: i64,
+    retry_of: Option<&str>,
+) -> String {
+    let id = uuid::Uuid::new_v4();
+    let failed = steps.iter().any(|s| s.2 == "failed");
+    let (kind, target) = if steps.len() > 1 { ("workflow", "wf") } else { ("module", steps[0].0) };
+    sqlx::query(
+        "INSERT INTO runs (id, kind, target, definition, device_id, status, timeout_s, trigger, retry_of,
+                           started_at, finished_at, created_at)
+         VALUES ($1, $2::run_kind, $3, '{}', $4, $5::run_status, 60, $6::run_trigger, $7,
+                 now() - make_interval(secs => $8 + 1), now() - make_interval(secs => $8),
+                 now() - make_interval(secs => $8 + 2))",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(target)
+    .bind(device.parse::<uuid::Uuid>().unwrap())
+    .bind(if failed { "failed" } else { "succeeded" })
+    .bind(if retry_of.is_some() { "retry" } else { "api" })
+    .bind(retry_of.map(|r| r.parse::<uuid::Uuid>().unwrap()))
+    .bind(ago_s as f64)
+    .execute(pg)
+    .await
+    .unwrap();
+    for (idx, (module, params, status)) in steps.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO run_steps (run_id, idx, module, params, status, attempt, started_at, finished_at,
+                                    run_finished_at, device_id, run_kind)
+             SELECT r.id, $2, $3, $4, $5::step_status, 1, r.started_at, r.finished_at, r.finished_at, r.device_id, r.kind
+             FROM runs r WHERE r.id = $1",
+        )
+        .bind(id)
+        .bind(idx as i32)
+        .bind(module)
+        .bind(params)
+        .bind(status)
+        .execute(pg)
+        .await
+        .unwrap();
+    }
+    id.to_string()
+}
+
+/// Flaky detection, case by case (docs/dashboard.md): the modules route counts what
+/// the flaky route lists, and the list pages exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_detection_decides_each_case_and_pages_exactly() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let pg = env.pg().await;
+    let a = device(&api, "flk-a", "flk", json!([]), json!({})).await;
+    let b = device(&api, "flk-b", "flk", json!([]), json!({})).await;
+    let c = device(&api, "flk-c", "flk", json!([]), json!({})).await;
+    let d = device(&api, "flk-d", "flk", json!([]), json!({})).await;
+    let e = json!({});
+    let step = |m: &'static str, s: &'static str| vec![(m, json!({}), s)];
+    // A pass in the failure's own run only: not flaky.
+    ended_run(&pg, &a, &[("same_run", e.clone(), "passed"), ("same_run", e.clone(), "failed")], 100, None).await;
+    // Failed, its retry failed elsewhere, the retry's retry passed elsewhere: both flaky
+    // by their retries, and on no device.
+    let r2 = ended_run(&pg, &a, &step("by_retry", "failed"), 110, None).await;
+    let r3 = ended_run(&pg, &c, &step("by_retry", "failed"), 105, Some(&r2)).await;
+    let r4 = ended_run(&pg, &b, &step("by_retry", "passed"), 102, Some(&r3)).await;
+    // One passing run, two failing runs: both flaky.
+    let p1 = ended_run(&pg, &a, &step("one_pass", "passed"), 120, None).await;
+    ended_run(&pg, &a, &step("one_pass", "failed"), 121, None).await;
+    ended_run(&pg, &a, &step("one_pass", "failed"), 90, None).await;
+    // Two passes: flaky, the newest pass first.
+    let p2 = ended_run(&pg, &a, &step("two_passes", "passed"), 130, None).await;
+    let p3 = ended_run(&pg, &a, &step("two_passes", "passed"), 80, None).await;
+    ended_run(&pg, &a, &step("two_passes", "failed"), 131, None).await;
+    // Passes elsewhere, with other params, or before the window: not flaky.
+    ended_run(&pg, &a, &step("other_device", "failed"), 140, None).await;
+    ended_run(&pg, &b, &step("other_device", "passed"), 141, None).await;
+    ended_run(&pg, &a, &[("other_params", json!({"n": 1}), "failed")], 150, None).await;
+    ended_run(&pg, &a, &[("other_params", json!({"n": 2}), "passed")], 151, None).await;
+    ended_run(&pg, &a, &step("old_pass", "failed"), 160, None).await;
+    ended_run(&pg, &a, &step("old_pass", "passed"), 7200, None).await;
+    // Many flaky failures on one device, to page through.
+    ended_run(&pg, &d, &step("many", "passed"), 3000, None).await;
+    for i in 0..130 {
+        ended_run(&pg, &d, &step("many", "failed"), 200 + i * 10, None).await;
+    }
+
+    let m = api.get("/api/v1/dashboard/modules?window=1h").await;
+    assert_eq!(m.status, 200, "{:?}", m.body);
+    let flaky: Vec<(String, i64, i64)> = m.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["module"].as_str().unwrap().to_string(), r["failed"].as_i64().unwrap(), r["flaky"].as_i64().unwrap())
+        })
+        .collect();
+    let want = [
+        ("by_retry", 2, 2),
+        ("many", 130, 130),
+        ("old_pass", 1, 0),
+        ("one_pass", 2, 2),
+        ("other_device", 1, 0),
+        ("other_params", 1, 0),
+        ("same_run", 1, 0),
+        ("two_passes", 1, 1),
+    ];
+    assert_eq!(flaky, want.map(|(m, f, k)| (m.to_string(), f, k)), "{}", m.body);
+
+    // The list: every flaky failure once, each with what makes it flaky.
+    let all = api.get("/api/v1/dashboard/flaky?window=1h&limit=500").await;
+    assert_eq!(all.status, 200, "{:?}", all.body);
+    assert_eq!(all.body["next_cursor"], Value::Null);
+    let items = all.body["items"].as_array().unwrap().clone();
+    for (module, _, n) in want {
+        assert_eq!(items.iter().filter(|i| i["module"] == module).count() as i64, n, "{module}");
+    }
+    let of =
+        |run: &str| items.iter().find(|i| i["run_id"] == run).unwrap_or_else(|| panic!("{run} not listed")).clone();
+    assert_eq!(
+        (of(&r2)["passed_on_retry"].clone(), of(&r2)["passed_on_same_device"].clone()),
+        (json!([r4]), json!([]))
+    );
+    assert_eq!(of(&r3)["passed_on_retry"], json!([r4]));
+    let two = items.iter().find(|i| i["module"] == "two_passes").unwrap();
+    assert_eq!(two["passed_on_same_device"], json!([p3, p2]));
+    assert!(items.iter().filter(|i| i["module"] == "one_pass").all(|i| i["passed_on_same_device"] == json!([p1])));
+    let at: Vec<chrono::DateTime<chrono::Utc>> = items.iter().map(|i| ts(&i["failed_at"])).collect();
+    assert!(at.windows(2).all(|w| w[0] >= w[1]), "newest first");
+
+    // Pages of 50 (the default) put together are the whole list, in its order.
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut sizes = Vec::new();
+    loop {
+        let q = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let page = api.get(&format!("/api/v1/dashboard/flaky?window=1h{q}")).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let got = page.body["items"].as_array().unwrap();
+        sizes.push(got.len());
+        paged.extend(got.iter().cloned());
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [50, 50, 35]);
+    assert_eq!(paged, items);
+    for bad in ["cursor=abc", "cursor=Zmxha3l8MXx4fDI", "limit=501"] {
+        let r = api.get(&format!("/api/v1/dashboard/flaky?window=1h&{bad}")).await;
+        assert_eq!(r.status, 422, "{bad}: {:?}", r.body);
+    }
 }

@@ -12,7 +12,6 @@ use serde::Serialize;
 use switchboard_core::{
     events::Event,
     history::{HistoryFilter, Window},
-    pagination,
     repo::dashboard::{self, DeviceFigures, FlakyFailure, ModuleFigures, Summary},
 };
 
@@ -101,20 +100,36 @@ pub async fn modules(
     Ok(Json(Rows { window: filter.window.to_string(), items }))
 }
 
-/// Every flaky failed verdict of the window (or the newest `limit`), with the passing
-/// runs that make it flaky.
+/// A page of flaky failures, with the window it covers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlakyRows {
+    /// The window, as given (`24h`).
+    pub window: String,
+    /// Newest first (then by run and step).
+    pub items: Vec<FlakyFailure>,
+    /// Pass it as `cursor` for the next page; null on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// The window's flaky failed verdicts, newest first, a page at a time, each with the
+/// passing runs that make it flaky.
 #[utoipa::path(get, path = "/api/v1/dashboard/flaky", operation_id = "dashboardFlaky", tag = "dashboard",
-    params(HistoryQuery, ("limit" = Option<i64>, Query, minimum = 1, maximum = 500,
-        description = "At most this many, the newest (default: all of the window's)")),
-    responses((status = 200, description = "Flaky failures, newest first", body = Rows<FlakyFailure>)))]
+    params(HistoryQuery,
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "How many (default 50)"),
+        ("cursor" = Option<String>, Query, description = "A previous page's `next_cursor`")),
+    responses((status = 200, description = "Flaky failures, newest first", body = FlakyRows)))]
 pub async fn flaky(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Rows<FlakyFailure>>> {
-    let (filter, q) = history(q, &["limit"])?;
-    let limit = q.int("limit")?.map(|n| pagination::limit(Some(n))).transpose()?;
-    let items = dashboard::flaky(&state.engine.pool, &filter, limit).await?;
-    Ok(Json(Rows { window: filter.window.to_string(), items }))
+) -> ApiResult<Json<FlakyRows>> {
+    let (filter, q) = history(q, &["limit", "cursor"])?;
+    let after = q.str("cursor").map(dashboard::FlakyCursor::decode).transpose()?;
+    let page = dashboard::flaky(&state.engine.pool, &filter, q.limit()?, after).await?;
+    Ok(Json(FlakyRows {
+        window: filter.window.to_string(),
+        items: page.items,
+        next_cursor: page.next.map(|c| c.encode()),
+    }))
 }
 
 /// The latest events of every kind, schedules' skipped and missed ticks included.

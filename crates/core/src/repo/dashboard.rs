@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -324,30 +325,76 @@ pub struct FlakyFailure {
     pub passed_on_same_device: Vec<RunId>,
 }
 
-/// The flaky failed verdicts in the window, newest first, the first `limit` of them
-/// (`None`: all). A failed step is flaky when a retry of its run (following `retry_of`,
-/// retries of retries included) passed the same step, or when the same module with the
-/// same effective parameters passed on the same device within the window.
-pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: Option<i64>) -> CoreResult<Vec<FlakyFailure>> {
+/// Where a page of flaky failures ends: the last failure it listed. The next page
+/// starts after it, in the order of the list (newest first, then by run and step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlakyCursor {
+    /// When that failure's run ended.
+    pub failed_at: DateTime<Utc>,
+    /// Its run.
+    pub run_id: RunId,
+    /// Its step.
+    pub step: i32,
+}
+
+impl FlakyCursor {
+    /// The opaque form clients pass back.
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("flaky|{}|{}|{}", self.failed_at.timestamp_micros(), self.run_id.0, self.step))
+    }
+
+    /// Reads a cursor this route returned (422 otherwise).
+    pub fn decode(s: &str) -> CoreResult<FlakyCursor> {
+        let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
+        let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?).map_err(|_| bad())?;
+        let mut parts = raw.strip_prefix("flaky|").ok_or_else(bad)?.split('|');
+        let (Some(at), Some(run), Some(step), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        Ok(FlakyCursor {
+            failed_at: at.parse().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?,
+            run_id: RunId(uuid::Uuid::parse_str(run).map_err(|_| bad())?),
+            step: step.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// One page of flaky failures.
+#[derive(Debug, Clone)]
+pub struct FlakyPage {
+    /// Newest first.
+    pub items: Vec<FlakyFailure>,
+    /// Where the next page starts; `None` on the last one.
+    pub next: Option<FlakyCursor>,
+}
+
+/// The flaky failed verdicts in the window, newest first: `limit` of them, after
+/// `after` (the first page: `None`). A failed step is flaky when a retry of its run
+/// (following `retry_of`, retries of retries included) passed the same step, or when
+/// the same module with the same effective parameters passed on the same device within
+/// the window.
+pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: i64, after: Option<FlakyCursor>) -> CoreResult<FlakyPage> {
     let rows = sqlx::query!(
-        // The definition lives in the database (`flaky_failures`, migration 0012), so
-        // Grafana's panel and this route count the same failures.
+        // The definition lives in the database (`flaky_failures`, migration 0014), so
+        // Grafana's panel and this route count the same failures. One row more than
+        // asked says whether a next page exists.
         r#"SELECT run_id AS "run_id!: RunId", idx AS "idx!", module AS "module!", params AS "params!",
                   device_id AS "device_id?: DeviceId", device_serial, failed_at AS "failed_at!",
                   passed_on_retry AS "on_retry!: Vec<RunId>", passed_on_same_device AS "on_device!: Vec<RunId>"
-           FROM flaky_failures(now() - make_interval(secs => $1), 'infinity', $2, $3, $4, $5)
-           LIMIT $6"#,
+           FROM flaky_failures(now() - make_interval(secs => $1), 'infinity', $2, $3, $4, $5, $6::int8 + 1, $7, $8, $9)"#,
         f.window.seconds(),
         f.pool,
         f.label,
         f.schedule_id as Option<ScheduleId>,
         f.kind as Option<RunKind>,
-        // `LIMIT NULL` is no limit.
         limit,
+        after.map(|c| c.failed_at),
+        after.map(|c| c.run_id) as Option<RunId>,
+        after.map(|c| c.step),
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
+    let mut items: Vec<FlakyFailure> = rows
         .into_iter()
         .map(|r| FlakyFailure {
             run_id: r.run_id,
@@ -360,7 +407,15 @@ pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: Option<i64>) -> Core
             passed_on_retry: r.on_retry,
             passed_on_same_device: r.on_device,
         })
-        .collect())
+        .collect();
+    let more = items.len() as i64 > limit;
+    items.truncate(limit.max(0) as usize);
+    let next = if more {
+        items.last().map(|l| FlakyCursor { failed_at: l.failed_at, run_id: l.run_id, step: l.step })
+    } else {
+        None
+    };
+    Ok(FlakyPage { items, next })
 }
 
 /// The latest events of every kind in the window, newest first, about the filter's
@@ -382,4 +437,28 @@ pub async fn recent(pool: &PgPool, f: &HistoryFilter, limit: i64) -> CoreResult<
     )
     .fetch_all(pool)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flaky_cursors_round_trip_and_refuse_anything_else() {
+        let c = FlakyCursor {
+            failed_at: DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap(),
+            run_id: RunId(uuid::Uuid::new_v4()),
+            step: 2,
+        };
+        assert_eq!(FlakyCursor::decode(&c.encode()).unwrap(), c);
+        for bad in ["", "!!", "flaky|1|x|2", "flaky|1", "at|3"] {
+            let raw = URL_SAFE_NO_PAD.encode(bad);
+            assert!(FlakyCursor::decode(&raw).is_err(), "{bad}");
+        }
+        let extra = URL_SAFE_NO_PAD.encode(format!("flaky|1|{}|0|9", c.run_id.0));
+        assert!(FlakyCursor::decode(&extra).is_err());
+        // A runs-list cursor is not a flaky cursor.
+        let other = crate::pagination::Cursor { created_at: c.failed_at, id: c.run_id.0 }.encode();
+        assert!(FlakyCursor::decode(&other).is_err());
+    }
 }
