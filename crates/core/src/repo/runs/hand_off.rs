@@ -110,23 +110,24 @@ pub(super) async fn hand_over_many(
     Ok(handed)
 }
 
-/// Each locked device's best queued runs (as many as there are devices, so that each
-/// finds one that the devices before it did not take), read without locks. Each
-/// device's list walks `runs_queued_idx` in its order, as `next_candidate` does (sorting
-/// is off for the transaction since the devices were locked).
+/// Each locked device's best queued runs, read without locks: as many as there are
+/// devices before it in `devices` (the order `pick_distinct` gives them out), plus one.
+/// Those earlier devices take at most one run each, so one of them is left for it;
+/// reading as many for every device read n² rows for n devices, this half of that.
+/// Each device's list walks `runs_queued_idx` in its order, as `next_candidate` does
+/// (sorting is off for the transaction since the devices were locked).
 async fn ranked_candidates(conn: &mut PgConnection, devices: &[DeviceId]) -> CoreResult<Vec<Ranked>> {
     let rows = sqlx::query!(
         r#"SELECT d.id AS "device: DeviceId", c.id AS "run: RunId", c.priority, c.queued_at
-           FROM devices d
+           FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, n)
+           JOIN devices d ON d.id = u.id
            CROSS JOIN LATERAL (
                SELECT r.id, r.priority, r.queued_at FROM runs r
                WHERE r.status = 'queued' AND r.kind <> 'campaign' AND NOT r.held AND NOT r.paused
                  AND (r.not_before IS NULL OR r.not_before <= now()) AND r.selector IS NOT NULL
                  AND selector_matches(r.selector, d)
-               ORDER BY r.priority DESC, r.queued_at, r.id LIMIT $2) c
-           WHERE d.id = ANY ($1)"#,
+               ORDER BY r.priority DESC, r.queued_at, r.id LIMIT u.n) c"#,
         devices as &[DeviceId],
-        devices.len() as i64,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -186,5 +187,21 @@ mod tests {
     fn the_order_of_the_rows_read_does_not_matter() {
         let rows = [ranked(2, 10, 0, 1), ranked(1, 11, 0, 2), ranked(2, 11, 0, 2), ranked(1, 10, 0, 1)];
         assert_eq!(picks(&[1, 2], &rows), [(1, Some(10)), (2, Some(11))]);
+    }
+
+    #[test]
+    fn one_more_run_than_the_devices_before_it_is_enough() {
+        // Five devices serving one queue, each reading what `ranked_candidates` reads:
+        // the k-th device (from 0) its k + 1 best. Every device gets a run, each its own,
+        // as if each had read the whole queue.
+        let queue: Vec<(u128, i64)> = (0..5).map(|i| (100 + i, i as i64)).collect();
+        let rows: Vec<Ranked> = (0..5u128)
+            .flat_map(|k| queue.iter().take(k as usize + 1).map(move |(run, at)| ranked(k + 1, *run, 0, *at)))
+            .collect();
+        let whole: Vec<Ranked> =
+            (0..5u128).flat_map(|k| queue.iter().map(move |(run, at)| ranked(k + 1, *run, 0, *at))).collect();
+        let got = picks(&[1, 2, 3, 4, 5], &rows);
+        assert_eq!(got, [(1, Some(100)), (2, Some(101)), (3, Some(102)), (4, Some(103)), (5, Some(104))]);
+        assert_eq!(got, picks(&[1, 2, 3, 4, 5], &whole));
     }
 }
