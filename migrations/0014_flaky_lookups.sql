@@ -3,7 +3,8 @@
 -- hashed them by (module, params key, device) to find the groups with a failure: 131 ms
 -- at p95. Failures are a few per cent of the steps. Now a window's failed steps come
 -- from their own small index, and only their (module, params key, device) groups look
--- up their passes, newest first, a handful of index entries each.
+-- up their passes, newest first, a handful of index entries each. The API's flaky
+-- list comes in pages, and a page decides only the failures after its cursor.
 --
 -- On the hot path: a failed step costs one more index entry, a passed step one more
 -- (the passes lookup), a retry one more. Nothing else is written.
@@ -26,8 +27,8 @@ CREATE INDEX run_steps_passes_idx ON run_steps (device_id, module, params_key, r
 -- followed in a hash of this small set instead of a lookup per failure.
 CREATE INDEX runs_retries_created_idx ON runs (created_at) INCLUDE (id, retry_of) WHERE retry_of IS NOT NULL;
 
--- The added parameters (`newest`, `max_rows`) make new signatures: the old ones go
--- first, so that a call with the old arguments is not ambiguous.
+-- The added parameters (`newest`, `max_rows`, `after_*`) make new signatures: the old
+-- ones go first, so that a call with the old arguments is not ambiguous.
 DROP FUNCTION flaky_failures(timestamptz, timestamptz, text, text, uuid, run_kind);
 DROP FUNCTION flaky_steps(timestamptz, timestamptz, text, text, uuid, run_kind);
 
