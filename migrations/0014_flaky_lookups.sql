@@ -46,6 +46,44 @@ RETURNS SETOF run_steps LANGUAGE sql STABLE AS $$
            OR (s.run_finished_at = after_at AND (s.run_id, s.idx) > (after_run, after_idx)))
 $$;
 
+-- The passes in [since, until) of one module with one params key on one device, with
+-- the schedule and kind filters of the window's steps (pool and label are the
+-- device's, which a failure shares with these passes). Written once for `flaky_steps`
+-- and `module_figures`; a plain SQL function, inlined, read from `run_steps_passes_idx`.
+CREATE FUNCTION window_passes(since timestamptz, until timestamptz, in_schedule uuid, in_kind run_kind,
+                              in_device uuid, in_module text, in_params_key bigint)
+RETURNS SETOF run_steps LANGUAGE sql STABLE AS $$
+    SELECT p.* FROM run_steps p
+    WHERE p.device_id = in_device AND p.module = in_module AND p.params_key = in_params_key
+      AND p.status = 'passed' AND p.run_finished_at >= since AND p.run_finished_at < until
+      AND (in_schedule IS NULL OR p.schedule_id = in_schedule)
+      AND (in_kind IS NULL OR p.run_kind = in_kind)
+$$;
+
+-- The retries that passed the given failed steps (their runs and step indexes, in two
+-- arrays), retries of retries included: (the failed run, its step, the retry). Written
+-- once for `flaky_steps` and `module_figures`. The retries created since the window
+-- began are all that a failure in it can have (`runs_retries_created_idx` says why),
+-- so the chains are followed in a hash of that small set.
+CREATE FUNCTION passed_retries(since timestamptz, failed_runs uuid[], failed_idxs integer[])
+RETURNS TABLE (root uuid, idx integer, retry uuid)
+LANGUAGE plpgsql STABLE SET plan_cache_mode = force_custom_plan SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH RECURSIVE retries AS MATERIALIZED (
+        SELECT r.id, r.retry_of FROM runs r WHERE r.retry_of IS NOT NULL AND r.created_at >= since),
+      chain (root, idx, id) AS (
+        SELECT f.run_id, f.idx, r.id FROM unnest(failed_runs, failed_idxs) AS f(run_id, idx)
+        JOIN retries r ON r.retry_of = f.run_id
+        UNION
+        SELECT c.root, c.idx, r.id FROM chain c JOIN retries r ON r.retry_of = c.id)
+    SELECT c.root, c.idx, c.id FROM chain c
+    -- A lookup per retry by primary key, whatever the estimate of the chain.
+    WHERE (SELECT s.status FROM run_steps s WHERE s.run_id = c.id AND s.idx = c.idx) = 'passed';
+END
+$$;
+
 -- Flaky failed verdicts (docs/dashboard.md), as 0012 defined them: a failed step of a
 -- run that ended in [since, until) is flaky when a retry of its run (following
 -- `retry_of`, retries of retries included) passed the same step, or when the same
@@ -66,7 +104,7 @@ LANGUAGE plpgsql STABLE SET plan_cache_mode = force_custom_plan SET jit = off AS
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH RECURSIVE failed AS MATERIALIZED (
+    WITH failed AS MATERIALIZED (
         SELECT s.run_id, s.idx, s.module, s.params_key, s.device_id, s.run_finished_at AS at
         FROM failed_steps_after(since, until, in_pool, in_label, in_schedule, in_kind, after_at, after_run,
                                 after_idx) s
@@ -79,11 +117,8 @@ BEGIN
       groups AS MATERIALIZED (
         SELECT f.module, f.device_id,
                array_agg(f.run_id) AS runs, array_agg(f.idx) AS idxs, array_agg(f.at) AS ats,
-               ARRAY(SELECT p.run_id FROM run_steps p
-                     WHERE p.device_id = f.device_id AND p.module = f.module AND p.params_key = f.params_key
-                       AND p.status = 'passed' AND p.run_finished_at >= since AND p.run_finished_at < until
-                       AND (in_schedule IS NULL OR p.schedule_id = in_schedule)
-                       AND (in_kind IS NULL OR p.run_kind = in_kind)
+               ARRAY(SELECT p.run_id
+                     FROM window_passes(since, until, in_schedule, in_kind, f.device_id, f.module, f.params_key) p
                      ORDER BY p.run_finished_at DESC LIMIT 11) AS passes
         FROM failed f
         GROUP BY f.module, f.params_key, f.device_id),
@@ -91,19 +126,10 @@ BEGIN
         SELECT u.run_id, u.idx, g.module, g.device_id, u.at,
                COALESCE((array_remove(g.passes, u.run_id))[1:10], '{}') AS passes
         FROM groups g, unnest(g.runs, g.idxs, g.ats) AS u(run_id, idx, at)),
-      retries AS MATERIALIZED (
-        SELECT r.id, r.retry_of FROM runs r WHERE r.retry_of IS NOT NULL AND r.created_at >= since),
-      -- Retries of each failed run, retries of retries included, with the failed step.
-      chain (root, idx, id) AS (
-        SELECT f.run_id, f.idx, r.id FROM failed f JOIN retries r ON r.retry_of = f.run_id
-        UNION
-        SELECT c.root, c.idx, r.id FROM chain c JOIN retries r ON r.retry_of = c.id),
       retried AS (
-        SELECT c.root, c.idx, array_agg(c.id ORDER BY c.id) AS on_retry
-        FROM chain c
-        -- A lookup per retry by primary key, whatever the estimate of the chain.
-        WHERE (SELECT s.status FROM run_steps s WHERE s.run_id = c.id AND s.idx = c.idx) = 'passed'
-        GROUP BY c.root, c.idx)
+        SELECT p.root, p.idx, array_agg(p.retry ORDER BY p.retry) AS on_retry
+        FROM passed_retries(since, (SELECT array_agg(f.run_id) FROM failed f), (SELECT array_agg(f.idx) FROM failed f)) p
+        GROUP BY p.root, p.idx)
     SELECT f.run_id, f.idx, f.module, f.device_id, f.at, COALESCE(r.on_retry, '{}'), f.passes
     FROM on_device f LEFT JOIN retried r ON r.root = f.run_id AND r.idx = f.idx
     WHERE r.on_retry IS NOT NULL OR cardinality(f.passes) > 0;
@@ -182,7 +208,7 @@ LANGUAGE plpgsql STABLE SET plan_cache_mode = force_custom_plan SET jit = off AS
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH RECURSIVE g AS MATERIALIZED (
+    WITH g AS MATERIALIZED (
         SELECT s.module, s.params_key, s.device_id,
                count(*) FILTER (WHERE s.status = 'passed') AS passed,
                count(*) FILTER (WHERE s.status = 'failed') AS failed,
@@ -192,29 +218,27 @@ BEGIN
                max(s.run_finished_at) FILTER (WHERE s.status = 'passed') AS last_pass
         FROM window_steps(since, until, in_pool, in_label, in_schedule, in_kind) s
         GROUP BY s.module, s.params_key, s.device_id),
-      -- The failures that did not pass on their device in another run.
-      unsettled AS MATERIALIZED (
-        SELECT f.run_id, f.idx, f.module
+      -- The failures of the groups that their passes do not settle (materialized, so
+      -- that only these few are looked at one by one below) ...
+      undecided AS MATERIALIZED (
+        SELECT f.run_id, f.idx, f.module, f.params_key, f.device_id
         FROM window_steps(since, until, in_pool, in_label, in_schedule, in_kind) f
         JOIN g ON g.module = f.module AND g.params_key = f.params_key AND g.device_id = f.device_id
-        WHERE f.status = 'failed' AND g.failed > 0 AND (g.first_pass IS NULL OR g.first_pass = g.last_pass)
-          AND NOT EXISTS (
-              SELECT FROM run_steps p
-              WHERE p.device_id = f.device_id AND p.module = f.module AND p.params_key = f.params_key
-                AND p.status = 'passed' AND p.run_finished_at >= since AND p.run_finished_at < until
-                AND (in_schedule IS NULL OR p.schedule_id = in_schedule)
-                AND (in_kind IS NULL OR p.run_kind = in_kind) AND p.run_id <> f.run_id)),
-      retries AS MATERIALIZED (
-        SELECT r.id, r.retry_of FROM runs r WHERE r.retry_of IS NOT NULL AND r.created_at >= since),
-      chain (root, idx, id) AS (
-        SELECT u.run_id, u.idx, r.id FROM unsettled u JOIN retries r ON r.retry_of = u.run_id
-        UNION
-        SELECT c.root, c.idx, r.id FROM chain c JOIN retries r ON r.retry_of = c.id),
+        WHERE f.status = 'failed' AND g.failed > 0 AND (g.first_pass IS NULL OR g.first_pass = g.last_pass)),
+      -- ... of which those that did not pass on their device in another run ...
+      unsettled AS MATERIALIZED (
+        SELECT f.run_id, f.idx, f.module FROM undecided f
+        WHERE NOT EXISTS (
+            SELECT FROM window_passes(since, until, in_schedule, in_kind, f.device_id, f.module, f.params_key) p
+            WHERE p.run_id <> f.run_id)),
+      by_retry AS MATERIALIZED (
+        SELECT DISTINCT p.root, p.idx
+        FROM passed_retries(since, (SELECT array_agg(u.run_id) FROM unsettled u),
+                            (SELECT array_agg(u.idx) FROM unsettled u)) p),
       -- ... and whose retries did not pass the step either: not flaky.
       not_flaky AS (
         SELECT u.module, count(*) AS n FROM unsettled u
-        WHERE NOT EXISTS (SELECT FROM chain c JOIN run_steps s ON s.run_id = c.id AND s.idx = c.idx
-                          WHERE c.root = u.run_id AND c.idx = u.idx AND s.status = 'passed')
+        WHERE NOT EXISTS (SELECT FROM by_retry b WHERE b.root = u.run_id AND b.idx = u.idx)
         GROUP BY u.module),
       m AS (
         SELECT g.module, sum(g.passed)::bigint AS passed, sum(g.failed)::bigint AS failed,
