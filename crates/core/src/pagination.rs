@@ -20,17 +20,41 @@ pub struct Cursor {
     pub id: Uuid,
 }
 
+/// The opaque form of a cursor's text, as clients see it.
+pub fn seal(raw: &str) -> String {
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// The error for a `cursor` this API did not return.
+pub fn bad_cursor() -> CoreError {
+    CoreError::invalid("cursor", "is not a cursor this API returned")
+}
+
+/// The text of a cursor sealed by `seal` (422 for anything else).
+pub fn open(sealed: &str) -> CoreResult<String> {
+    let raw = URL_SAFE_NO_PAD.decode(sealed).map_err(|_| bad_cursor())?;
+    String::from_utf8(raw).map_err(|_| bad_cursor())
+}
+
+/// Up to `limit + 1` rows cut to `limit`, with the key of the last one kept when the
+/// extra row says a next page exists.
+pub fn split<T, K>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    let next = if more { rows.last().map(key) } else { None };
+    (rows, next)
+}
+
 impl Cursor {
     /// The opaque form clients pass back.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("{}|{}", self.created_at.timestamp_micros(), self.id))
+        seal(&format!("{}|{}", self.created_at.timestamp_micros(), self.id))
     }
 
     /// Reads a cursor this API returned (422 otherwise).
     pub fn decode(s: &str) -> CoreResult<Cursor> {
-        let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
-        let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let bad = bad_cursor;
+        let raw = open(s)?;
         let (ts, id) = raw.split_once('|').ok_or_else(bad)?;
         let micros: i64 = ts.parse().map_err(|_| bad())?;
         Ok(Cursor {
@@ -60,11 +84,9 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     /// Builds a page from up to `limit + 1` rows (the extra one says a next page exists).
-    pub fn from_rows(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> Cursor) -> Page<T> {
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let next_cursor = if more { rows.last().map(|r| key(r).encode()) } else { None };
-        Page { items: rows, next_cursor }
+    pub fn from_rows(rows: Vec<T>, limit: i64, key: impl Fn(&T) -> Cursor) -> Page<T> {
+        let (items, next) = split(rows, limit, key);
+        Page { items, next_cursor: next.map(|c| c.encode()) }
     }
 }
 
@@ -73,18 +95,14 @@ impl<T> Page<T> {
 pub fn slice<T: Clone>(items: &[T], limit: i64, cursor: Option<&str>) -> CoreResult<Page<T>> {
     let start = match cursor {
         None => 0,
-        Some(c) => {
-            let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
-            let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
-            let raw = String::from_utf8(raw).map_err(|_| bad())?;
-            raw.strip_prefix("at|")
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|n| *n <= items.len())
-                .ok_or_else(bad)?
-        }
+        Some(c) => open(c)?
+            .strip_prefix("at|")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= items.len())
+            .ok_or_else(bad_cursor)?,
     };
     let end = (start + limit as usize).min(items.len());
-    let next_cursor = (end < items.len()).then(|| URL_SAFE_NO_PAD.encode(format!("at|{end}")));
+    let next_cursor = (end < items.len()).then(|| seal(&format!("at|{end}")));
     Ok(Page { items: items[start..end].to_vec(), next_cursor })
 }
 

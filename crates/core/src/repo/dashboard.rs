@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -24,6 +23,7 @@ use crate::{
     history::HistoryFilter,
     ids::{DeviceId, RunId, ScheduleId},
     model::{BreakerState, DeviceStatus, RunKind},
+    pagination,
 };
 
 /// Ended runs by status.
@@ -340,13 +340,13 @@ pub struct FlakyCursor {
 impl FlakyCursor {
     /// The opaque form clients pass back.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("flaky|{}|{}|{}", self.failed_at.timestamp_micros(), self.run_id.0, self.step))
+        pagination::seal(&format!("flaky|{}|{}|{}", self.failed_at.timestamp_micros(), self.run_id.0, self.step))
     }
 
     /// Reads a cursor this route returned (422 otherwise).
     pub fn decode(s: &str) -> CoreResult<FlakyCursor> {
-        let bad = || CoreError::invalid("cursor", "is not a cursor this API returned");
-        let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?).map_err(|_| bad())?;
+        let bad = pagination::bad_cursor;
+        let raw = pagination::open(s)?;
         let mut parts = raw.strip_prefix("flaky|").ok_or_else(bad)?.split('|');
         let (Some(at), Some(run), Some(step), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
@@ -394,7 +394,7 @@ pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: i64, after: Option<F
     )
     .fetch_all(pool)
     .await?;
-    let mut items: Vec<FlakyFailure> = rows
+    let items: Vec<FlakyFailure> = rows
         .into_iter()
         .map(|r| FlakyFailure {
             run_id: r.run_id,
@@ -408,13 +408,8 @@ pub async fn flaky(pool: &PgPool, f: &HistoryFilter, limit: i64, after: Option<F
             passed_on_same_device: r.on_device,
         })
         .collect();
-    let more = items.len() as i64 > limit;
-    items.truncate(limit.max(0) as usize);
-    let next = if more {
-        items.last().map(|l| FlakyCursor { failed_at: l.failed_at, run_id: l.run_id, step: l.step })
-    } else {
-        None
-    };
+    let (items, next) =
+        pagination::split(items, limit, |l| FlakyCursor { failed_at: l.failed_at, run_id: l.run_id, step: l.step });
     Ok(FlakyPage { items, next })
 }
 
@@ -452,10 +447,10 @@ mod tests {
         };
         assert_eq!(FlakyCursor::decode(&c.encode()).unwrap(), c);
         for bad in ["", "!!", "flaky|1|x|2", "flaky|1", "at|3"] {
-            let raw = URL_SAFE_NO_PAD.encode(bad);
+            let raw = pagination::seal(bad);
             assert!(FlakyCursor::decode(&raw).is_err(), "{bad}");
         }
-        let extra = URL_SAFE_NO_PAD.encode(format!("flaky|1|{}|0|9", c.run_id.0));
+        let extra = pagination::seal(&format!("flaky|1|{}|0|9", c.run_id.0));
         assert!(FlakyCursor::decode(&extra).is_err());
         // A runs-list cursor is not a flaky cursor.
         let other = crate::pagination::Cursor { created_at: c.failed_at, id: c.run_id.0 }.encode();
