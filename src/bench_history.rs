@@ -17,7 +17,7 @@ use switchboard_core::{
     history::{HistoryFilter, Window},
     ids::{DeviceId, RunId},
     model::RunStatus,
-    repo::{dashboard, runs, search},
+    repo::{dashboard, rollup, runs, search},
 };
 
 use crate::bench::percentile;
@@ -240,6 +240,11 @@ async fn measure(pool: &PgPool, cfg: &HistoryConfig) -> anyhow::Result<Value> {
             });
         }};
     }
+    // The per-module figures before the day rollup exists (every step counted live,
+    // as before migration 0015), then the rollup as the scheduler makes it, then every
+    // query as the API runs it.
+    time!("dashboard modules, 7d, counted live", dashboard::modules(pool, &window("7d")));
+    let rolled = roll_up(pool).await?;
     time!("dashboard summary, 24h", dashboard::summary(pool, &window("24h")));
     time!("dashboard summary, 7d", dashboard::summary(pool, &window("7d")));
     time!("dashboard summary, 24h, pool", dashboard::summary(pool, &pooled("24h")));
@@ -249,6 +254,8 @@ async fn measure(pool: &PgPool, cfg: &HistoryConfig) -> anyhow::Result<Value> {
     time!("dashboard devices, 7d", dashboard::devices(pool, &window("7d")));
     time!("dashboard modules, 24h", dashboard::modules(pool, &window("24h")));
     time!("dashboard modules, 7d", dashboard::modules(pool, &window("7d")));
+    time!("dashboard modules, 7d, pool", dashboard::modules(pool, &pooled("7d")));
+    time!("dashboard modules, 30d", dashboard::modules(pool, &window("30d")));
     let flaky = |f: HistoryFilter, limit: i64, after| async move { dashboard::flaky(pool, &f, limit, after).await };
     time!("dashboard flaky, 24h", flaky(window("24h"), 50, None));
     time!("dashboard flaky, 7d", flaky(window("7d"), 50, None));
@@ -280,7 +287,25 @@ async fn measure(pool: &PgPool, cfg: &HistoryConfig) -> anyhow::Result<Value> {
             ..Default::default()
         })
     );
-    Ok(Value::Array(out))
+    Ok(json!({"rollup": rolled, "timings": out}))
+}
+
+/// Rolls up every ended day of the seed (`step_days`), as the scheduler does, and
+/// reports what a day costs.
+async fn roll_up(pool: &PgPool) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut ms = Vec::new();
+    loop {
+        let t = Instant::now();
+        if rollup::roll_next_day(pool).await?.is_none() {
+            break;
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM step_days").fetch_one(pool).await?;
+    Ok(json!({"days": ms.len(), "rows": rows, "seconds": started.elapsed().as_secs_f64(),
+              "day_p50_ms": percentile(&ms, 0.5), "day_max_ms": ms.last().copied().unwrap_or(0.0)}))
 }
 
 fn print(report: &Value) {
@@ -292,8 +317,17 @@ fn print(report: &Value) {
         s["events"],
         s["seconds"].as_f64().unwrap_or(0.0)
     );
+    let r = &report["queries"]["rollup"];
+    println!(
+        "  day rollup: {} days into {} rows in {:.1} s (a day: p50 {:.1} ms, max {:.1} ms)",
+        r["days"],
+        r["rows"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["day_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        r["day_max_ms"].as_f64().unwrap_or(f64::NAN)
+    );
     println!("  {:<42} {:>9} {:>9} {:>9}", "query", "first ms", "p50 ms", "p95 ms");
-    for q in report["queries"].as_array().into_iter().flatten() {
+    for q in report["queries"]["timings"].as_array().into_iter().flatten() {
         if let Some(e) = q["error"].as_str() {
             println!("  {:<42} failed: {e}", q["query"].as_str().unwrap_or(""));
             continue;

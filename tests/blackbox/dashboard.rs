@@ -628,3 +628,99 @@ async fn pages(api: &Api, more: &str) -> (Vec<Value>, Vec<usize>) {
         }
     }
 }
+
+/// Windows whose per-module figures read the day rollup (`step_days`), as the API
+/// queries them.
+const ROLLED_WINDOWS: [&str; 6] = ["7d", "30d", "2d", "7d&pool=rl", "7d&kind=workflow", "1h"];
+
+async fn module_items(api: &Api, query: &str) -> Value {
+    let m = api.get(&format!("/api/v1/dashboard/modules?window={query}")).await;
+    assert_eq!(m.status, 200, "{query}: {:?}", m.body);
+    m.body["items"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_figures_read_from_the_day_rollup_equal_those_counted_live() {
+    let env = Env::new();
+    let api = env.api(&[]);
+    let pg = env.pg().await;
+    let a = device(&api, "rl-a", "rl", json!([]), json!({})).await;
+    let b = device(&api, "rl-b", "rl2", json!([]), json!({})).await;
+    let (e, day) = (json!({}), 86_400);
+    let step = |m: &'static str, s: &'static str| vec![(m, json!({}), s)];
+    // Passes three days and an hour ago, a failure in between: flaky, its group settled
+    // by a rolled-up pass and a live one.
+    ended_run(&pg, &a, &step("across", "passed"), 3 * day, None).await;
+    ended_run(&pg, &a, &step("across", "failed"), 2 * day, None).await;
+    ended_run(&pg, &a, &step("across", "passed"), 3600, None).await;
+    // One pass, on an earlier day than the failure: flaky, decided one by one.
+    ended_run(&pg, &a, &step("one_pass", "passed"), 5 * day / 2, None).await;
+    ended_run(&pg, &a, &step("one_pass", "failed"), 3 * day / 2, None).await;
+    // Failed four days ago, its retry passed on another device: flaky by the retry.
+    let r = ended_run(&pg, &a, &step("by_retry", "failed"), 4 * day, None).await;
+    ended_run(&pg, &b, &step("by_retry", "passed"), 4 * day - 100, Some(&r)).await;
+    // Failed with no pass in a week; errored and timed out; a pass ten days back counts
+    // in the 30-day window only, where it makes the failure flaky.
+    ended_run(&pg, &b, &step("plain", "failed"), 5 * day, None).await;
+    ended_run(&pg, &b, &step("plain", "errored"), 6 * day, None).await;
+    ended_run(&pg, &b, &step("plain", "timed_out"), day / 2, None).await;
+    ended_run(&pg, &b, &step("plain", "passed"), 10 * day, None).await;
+    // A workflow run two days ago (for the kind filter), and a run long past retention.
+    ended_run(&pg, &a, &[("across", e.clone(), "passed"), ("plain", e.clone(), "failed")], 2 * day + 60, None).await;
+    let ancient = ended_run(&pg, &a, &step("plain", "passed"), 100 * day, None).await;
+
+    // Counted live (nothing rolled up yet), with the figures this history makes.
+    let mut live = Vec::new();
+    for q in ROLLED_WINDOWS {
+        live.push(module_items(&api, q).await);
+    }
+    let week: Vec<(String, i64, i64, i64, i64, i64)> = live[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let n = |k: &str| r[k].as_i64().unwrap();
+            (r["module"].as_str().unwrap().into(), n("passed"), n("failed"), n("errored"), n("timed_out"), n("flaky"))
+        })
+        .collect();
+    let want =
+        [("across", 3, 1, 0, 0, 1), ("by_retry", 1, 1, 0, 0, 1), ("one_pass", 1, 1, 0, 0, 1), ("plain", 0, 2, 1, 1, 0)];
+    assert_eq!(week, want.map(|(m, p, f, e, t, k)| (m.to_string(), p, f, e, t, k)), "{}", live[0]);
+    let month = live[1].as_array().unwrap().iter().find(|r| r["module"] == "plain").unwrap().clone();
+    assert_eq!((month["passed"].clone(), month["flaky"].clone()), (json!(1), json!(1)), "{month}");
+
+    // The scheduler rolls up every day that has ended, and prunes what is past
+    // retention, the rollup of its days with it.
+    let _scheduler = env.scheduler(&[("SWITCHBOARD_RETENTION_INTERVAL_S", "1")]);
+    eventually(Duration::from_secs(60), "the rollup current and the old day pruned", || async {
+        let (through, old, ancient_left): (bool, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE((SELECT through >= date_bin('1 day', now() - interval '2 minutes', 'epoch') FROM step_rollup), false),
+                    (SELECT count(*) FROM step_days WHERE day < now() - interval '91 days'),
+                    (SELECT count(*) FROM runs WHERE id = $1)",
+        )
+        .bind(ancient.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+        (through && old == 0 && ancient_left == 0).then_some(())
+    })
+    .await;
+    let rolled: i64 = sqlx::query_scalar("SELECT count(*) FROM step_days WHERE day > now() - interval '8 days'")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert!(rolled >= 8, "the week's days are rolled up: {rolled} rows");
+
+    // Read from the rollup, every window's figures are those counted live.
+    for (q, want) in ROLLED_WINDOWS.iter().zip(&live) {
+        assert_eq!(&module_items(&api, q).await, want, "{q}");
+    }
+    // And they are read from it: a change to a rolled-up day shows.
+    let bump = "UPDATE step_days SET passed = passed + $1 WHERE module = 'plain' AND day < now() - interval '4 days'
+                AND day > now() - interval '7 days'";
+    sqlx::query(bump).bind(1000i64).execute(&pg).await.unwrap();
+    let bumped = module_items(&api, "7d").await;
+    let plain = bumped.as_array().unwrap().iter().find(|r| r["module"] == "plain").unwrap();
+    assert_eq!(plain["passed"], 2000, "two days of 'plain' read from the rollup: {plain}");
+    sqlx::query(bump).bind(-1000i64).execute(&pg).await.unwrap();
+}

@@ -35,6 +35,7 @@ pub async fn run(common: CommonConfig, cfg: SchedulerConfig, shutdown: Cancellat
         listen_for_changes(pool.clone(), changed, shutdown.clone()),
         reconcile_loop(&engine, &me, &cfg, shutdown.clone()),
         retention_loop(&engine, &cfg, shutdown.clone()),
+        rollup_loop(&engine, shutdown.clone()),
     );
     let _ = processes::stopped(&pool, &me).await;
     tracing::info!("scheduler stopped");
@@ -137,6 +138,28 @@ async fn reconcile_loop(engine: &Engine, me: &str, cfg: &SchedulerConfig, shutdo
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// How often the scheduler looks for a day of step outcomes to roll up. A day is
+/// rolled up within this of its end; until then it is counted live.
+const ROLLUP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Rolls up the days of step outcomes that have ended (`repo::rollup`): at start (a
+/// long history's days, a few hundred a pass), then every `ROLLUP_INTERVAL`.
+async fn rollup_loop(engine: &Engine, shutdown: CancellationToken) {
+    loop {
+        let span = tracing::info_span!("scheduler.rollup", trace_id = tracing::field::Empty);
+        telemetry::record_trace_id(&span);
+        match engine.roll_up_history(400).instrument(span).await {
+            Ok(days) if days > 0 => tracing::info!(days, "rolled up days of step outcomes"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "rollup pass failed; retrying next interval"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ROLLUP_INTERVAL) => {}
         }
     }
 }

@@ -88,6 +88,8 @@ pub async fn devices(
 }
 
 /// Per module: runs (its steps, a module run being one), pass rate and flaky count.
+/// The window's whole UTC days are read from the day rollup the scheduler keeps, the
+/// rest counted live; the figures are the same either way (docs/dashboard.md).
 #[utoipa::path(get, path = "/api/v1/dashboard/modules", operation_id = "dashboardModules", tag = "dashboard",
     params(HistoryQuery),
     responses((status = 200, description = "One row per module that ran in the window", body = Rows<ModuleFigures>)))]

@@ -14,6 +14,7 @@ pub mod presence;
 pub mod processes;
 pub mod reports;
 pub mod retention;
+pub mod rollup;
 pub mod runs;
 pub mod schedules;
 pub mod search;

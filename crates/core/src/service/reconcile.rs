@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::{
     CoreResult, meters,
-    repo::{campaign_runs, processes, retention, runs},
+    repo::{campaign_runs, processes, retention, rollup, runs},
     service::Engine,
 };
 
@@ -96,6 +96,10 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The day rollup of the pruned days goes with them: a day whose every run
+        // is gone. The day the cutoff falls in keeps its row, counting runs already
+        // pruned; a window reaching past retention reads them (docs/dashboard.md).
+        retention::prune_step_days(&self.pool, keep).await?;
         for _ in 0..max_batches {
             let n = retention::prune_events(&self.pool, keep, PRUNE_BATCH * 10).await?;
             total.events += n;
@@ -106,5 +110,18 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(total)
+    }
+
+    /// Rolls up the days of step outcomes that can no longer change
+    /// (`repo::rollup`), one short transaction each, at most `max_days`; returns how
+    /// many it rolled. Days pause a moment between them, as retention batches do.
+    pub async fn roll_up_history(&self, max_days: usize) -> CoreResult<usize> {
+        for n in 0..max_days {
+            if rollup::roll_next_day(&self.pool).await?.is_none() {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(max_days)
     }
 }
