@@ -14,4 +14,3 @@ use crate::CoreResult;
 pub async fn roll_next_day(pool: &PgPool) -> CoreResult<Option<DateTime<Utc>>> {
     Ok(sqlx::query_scalar!(r#"SELECT roll_step_day() AS "day""#).fetch_one(pool).await?)
 }
-
