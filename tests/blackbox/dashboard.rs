@@ -248,6 +248,23 @@ async fn search_finds_each_kind_ranked_and_bounded() {
             .any(|h| h["kind"] == "device" && h["detail"].as_str().unwrap().contains("[volte]"))
     );
     assert!(find("R58M-OSPRY".into()).await.iter().any(|h| h["name"] == "R58M-OSPREY-02"), "a near miss");
+    // A device found by what it is now called and labelled (its searched fields are
+    // kept in a table of their own, migration 0016), and no longer once deleted.
+    let osprey = hits_of(&find("R58M-OSPREY-02".into()).await, "device");
+    let patched =
+        api.patch(&format!("/api/v1/devices/{osprey}"), json!({"name": "harrier bench", "labels": ["nr-sa"]})).await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(hits_of(&find("harrier".into()).await, "device"), osprey);
+    assert_eq!(hits_of(&find("nr-sa".into()).await, "device"), osprey);
+    // Deleted once the runs that may be on it have ended (a leased device is refused).
+    for id in [&run_id, keyed["id"].as_str().unwrap()] {
+        api.wait_terminal(id, Duration::from_secs(30)).await;
+    }
+    let deleted = api.delete(&format!("/api/v1/devices/{osprey}")).await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    for q in ["harrier", "nr-sa", "R58M-OSPREY-02"] {
+        assert!(find(q.into()).await.iter().all(|h| h["id"] != osprey.as_str()), "a deleted device found by {q}");
+    }
     let modules = find("airplane".into()).await;
     assert_eq!(modules[0]["kind"], "module", "{modules:?}");
     // Runs by id prefix and by idempotency key.
@@ -265,6 +282,13 @@ async fn search_finds_each_kind_ranked_and_bounded() {
     assert_eq!(api.get(&format!("/api/v1/search?q={long}")).await.status, 422);
     // LIKE's wildcards are text, not patterns.
     assert!(find("%25".into()).await.iter().all(|h| h["kind"] != "device"), "a % matched every device");
+}
+
+/// The id of the one hit of `kind` among `hits`.
+fn hits_of(hits: &[Value], kind: &str) -> String {
+    let of: Vec<&Value> = hits.iter().filter(|h| h["kind"] == kind).collect();
+    assert_eq!(of.len(), 1, "one {kind} among {hits:?}");
+    of[0]["id"].as_str().unwrap().to_string()
 }
 
 /// The run's facts copied onto its steps (migration 0013), which the per-module figures

@@ -388,9 +388,16 @@ async fn devices_released_together_are_handed_distinct_runs() {
     .await
     .unwrap();
     assert_eq!(held.len(), 3);
-    // Held for a few rounds of hand-offs only: the deliveries of held runs wait for
-    // them, each with one of the worker's connections.
-    count_reaches(&pg, 60, "more to end meanwhile", done, 60).await;
+    // Held for a few rounds of hand-offs only (runs take 100 ms), three seconds at
+    // most: a claimer whose deliveries include a held run waits for it (by design,
+    // `lock_candidates`), holding the runs it locked before it in id order, and a
+    // finish of one of those waits in turn. A lock held this long is the test's own
+    // doing; were it held until many more runs end, the finishes it stalls could hold
+    // the test up to its timeout.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until && scalar(&pg, done).await < 60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     holder.commit().await.unwrap();
     count_reaches(&pg, 60, "every run to succeed", done, 120).await;
     // Written together, not rescued one by one: a batch whose transaction failed (two

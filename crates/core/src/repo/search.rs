@@ -1,7 +1,8 @@
 //! `GET /api/v1/search?q=`: devices (serial, name, labels), modules, workflows,
 //! campaigns, schedules and hosts by name, and runs by id prefix or idempotency key;
-//! ranked and bounded. Names are matched through trigram indexes (migration 0011): a
-//! substring, or a near miss by trigram similarity. Modules live in the catalog, not
+//! ranked and bounded. Names are matched through trigram indexes (migration 0011; a
+//! device's searched fields are copied to `device_search` for them, migration 0016):
+//! a substring, or a near miss by trigram similarity. Modules live in the catalog, not
 //! in a table, and are matched here.
 
 use serde::Serialize;
@@ -47,7 +48,7 @@ pub async fn search(pool: &PgPool, q: &str, limit: i64) -> CoreResult<Vec<Hit>> 
                           WHEN p.q = ANY (d.labels) THEN 0.85
                           WHEN d.serial ILIKE p.pat OR d.name ILIKE p.pat THEN 0.8
                           ELSE 0.7 * greatest(similarity(d.serial, p.q), similarity(d.name, p.q)) END::float8 AS score
-              FROM devices d, p
+              FROM device_search d, p
               WHERE d.serial ILIKE p.pat OR d.name ILIKE p.pat OR d.serial % p.q OR d.name % p.q
                  OR d.labels @> ARRAY[p.q] LIMIT $5)
              UNION ALL
