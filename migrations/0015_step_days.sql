@@ -13,8 +13,12 @@
 
 -- One row per (day, module, params key, device, schedule, kind) that had a step of a
 -- run that ended that day (UTC days: `date_bin` from the epoch, whatever the session's
--- time zone).
+-- time zone), and one per (week, ...) once the week's seven days are rolled up: long
+-- windows read whole weeks, a few times fewer rows than their days.
 CREATE TABLE step_days (
+    -- 1: a day; 7: a week (Monday to Sunday, UTC), the sum of its days' rows.
+    days        smallint NOT NULL CHECK (days IN (1, 7)),
+    -- The first day it counts.
     day         timestamptz NOT NULL,
     module      text NOT NULL,
     params_key  bigint NOT NULL,
@@ -30,7 +34,12 @@ CREATE TABLE step_days (
     last_pass   timestamptz
 );
 -- Rows are appended a day at a time, so a window's days are a few adjacent pages.
-CREATE INDEX step_days_day_idx ON step_days (day);
+CREATE INDEX step_days_day_idx ON step_days (days, day);
+
+-- Where weeks begin: 2001-01-01 was a Monday.
+CREATE FUNCTION week_origin() RETURNS timestamptz LANGUAGE sql IMMUTABLE AS $$
+    SELECT timestamptz '2001-01-01 00:00:00+00'
+$$;
 
 -- How far the rollup has come: every day before `through` is in `step_days` (NULL:
 -- none yet). One row, locked by the roller, so that two schedulers never roll one
@@ -59,13 +68,14 @@ LANGUAGE sql STABLE AS $$
     FROM window_steps(since, until, in_pool, in_label, in_schedule, in_kind) s
 $$;
 
--- The rolled-up days in [since, until) (whole days) with the window's filters, as
--- `window_steps` applies them (pool and label are the device's as it is now).
-CREATE FUNCTION rolled_days(since timestamptz, until timestamptz, in_pool text, in_label text, in_schedule uuid,
-                            in_kind run_kind)
+-- The rolled-up days (`span` 1) or weeks (`span` 7) that begin in [since, until), with
+-- the window's filters, as `window_steps` applies them (pool and label are the
+-- device's as it is now).
+CREATE FUNCTION rolled_days(span smallint, since timestamptz, until timestamptz, in_pool text, in_label text,
+                            in_schedule uuid, in_kind run_kind)
 RETURNS SETOF step_days LANGUAGE sql STABLE AS $$
     SELECT d.* FROM step_days d
-    WHERE d.day >= since AND d.day < until
+    WHERE d.days = span AND d.day >= since AND d.day < until
       AND (in_pool IS NULL OR d.device_id IN (SELECT v.id FROM devices v WHERE v.pool = in_pool))
       AND (in_label IS NULL OR d.device_id IN (SELECT v.id FROM devices v WHERE in_label = ANY (v.labels)))
       AND (in_schedule IS NULL OR d.schedule_id = in_schedule)
@@ -101,20 +111,32 @@ BEGIN
                     AND a.xact_start < d + interval '1 day') THEN
         RETURN NULL;
     END IF;
-    INSERT INTO step_days (day, module, params_key, device_id, schedule_id, run_kind, passed, failed, errored,
-                           timed_out, first_pass, last_pass)
-    SELECT d, o.module, o.params_key, o.device_id, o.schedule_id, o.run_kind, sum(o.passed), sum(o.failed),
+    INSERT INTO step_days (days, day, module, params_key, device_id, schedule_id, run_kind, passed, failed,
+                           errored, timed_out, first_pass, last_pass)
+    SELECT 1, d, o.module, o.params_key, o.device_id, o.schedule_id, o.run_kind, sum(o.passed), sum(o.failed),
            sum(o.errored), sum(o.timed_out), min(o.passed_at), max(o.passed_at)
     FROM step_outcomes(d, d + interval '1 day', NULL, NULL, NULL, NULL) o
     GROUP BY o.module, o.params_key, o.device_id, o.schedule_id, o.run_kind;
+    -- The week's last day: the week, from its days' rows (a week the rollup began in
+    -- the middle of has no steps before that day, which was the first with any).
+    IF date_bin('7 days', d + interval '1 day', week_origin()) = d + interval '1 day' THEN
+        INSERT INTO step_days (days, day, module, params_key, device_id, schedule_id, run_kind, passed, failed,
+                               errored, timed_out, first_pass, last_pass)
+        SELECT 7, d - interval '6 days', w.module, w.params_key, w.device_id, w.schedule_id, w.run_kind,
+               sum(w.passed), sum(w.failed), sum(w.errored), sum(w.timed_out), min(w.first_pass), max(w.last_pass)
+        FROM step_days w
+        WHERE w.days = 1 AND w.day >= d - interval '6 days' AND w.day <= d
+        GROUP BY w.module, w.params_key, w.device_id, w.schedule_id, w.run_kind;
+    END IF;
     UPDATE step_rollup SET through = d + interval '1 day';
     RETURN d;
 END
 $$;
 
 -- `module_figures` as 0014 defined it, with the window's whole days read from
--- `step_days` where they are rolled up. At 7 days that is six days of rows (a row
--- stands for every step of its group that day) and one day of steps at the two ends.
+-- `step_days` where they are rolled up, and its whole weeks as weeks. At 7 days that is
+-- six days of rows (a row stands for every step of its group that day) and one day of
+-- steps at the two ends; at 30 days, three or four weeks and the days around them.
 -- Windows shorter than a day are all ends: counted live, as before.
 CREATE OR REPLACE FUNCTION module_figures(since timestamptz, until timestamptz, in_pool text DEFAULT NULL,
                                           in_label text DEFAULT NULL, in_schedule uuid DEFAULT NULL,
@@ -127,6 +149,8 @@ DECLARE
     -- the rollup, [rolled_to, until) live.
     rolled_from timestamptz := since;
     rolled_to timestamptz;
+    weeks_from timestamptz;
+    weeks_to timestamptz;
 BEGIN
     -- The first whole day of the window (none before `until`: all of it is live).
     IF isfinite(since) THEN
@@ -144,11 +168,31 @@ BEGIN
         rolled_to := least(rolled_to, date_bin('1 day', until, 'epoch'));
     END IF;
     rolled_to := greatest(rolled_to, rolled_from);
+    -- Of those, the whole weeks, read as weeks (none: days only).
+    IF isfinite(rolled_from) AND isfinite(rolled_to) THEN
+        weeks_from := date_bin('7 days', rolled_from, week_origin());
+        IF weeks_from < rolled_from THEN
+            weeks_from := weeks_from + interval '7 days';
+        END IF;
+        weeks_to := date_bin('7 days', rolled_to, week_origin());
+    END IF;
+    IF weeks_from IS NULL OR weeks_to <= weeks_from THEN
+        weeks_from := rolled_to;
+        weeks_to := rolled_to;
+    END IF;
     RETURN QUERY
     WITH parts AS (
         SELECT d.module, d.params_key, d.device_id, d.passed, d.failed, d.errored, d.timed_out, d.first_pass,
                d.last_pass
-        FROM rolled_days(rolled_from, rolled_to, in_pool, in_label, in_schedule, in_kind) d
+        FROM rolled_days(1::smallint, rolled_from, weeks_from, in_pool, in_label, in_schedule, in_kind) d
+        UNION ALL
+        SELECT d.module, d.params_key, d.device_id, d.passed, d.failed, d.errored, d.timed_out, d.first_pass,
+               d.last_pass
+        FROM rolled_days(7::smallint, weeks_from, weeks_to, in_pool, in_label, in_schedule, in_kind) d
+        UNION ALL
+        SELECT d.module, d.params_key, d.device_id, d.passed, d.failed, d.errored, d.timed_out, d.first_pass,
+               d.last_pass
+        FROM rolled_days(1::smallint, weeks_to, rolled_to, in_pool, in_label, in_schedule, in_kind) d
         UNION ALL
         SELECT o.module, o.params_key, o.device_id, o.passed, o.failed, o.errored, o.timed_out, o.passed_at,
                o.passed_at

@@ -78,10 +78,10 @@ pub async fn prune_events(pool: &PgPool, keep: Duration, batch: i64) -> CoreResu
     .await?)
 }
 
-/// Deletes the day rollup (`step_days`) of the days that ended before `keep` ago.
+/// Deletes the rollup (`step_days`) of the days and weeks that ended before `keep` ago.
 pub async fn prune_step_days(pool: &PgPool, keep: Duration) -> CoreResult<u64> {
     Ok(sqlx::query!(
-        "DELETE FROM step_days WHERE day + interval '1 day' <= now() - make_interval(secs => $1)",
+        "DELETE FROM step_days WHERE day + make_interval(days => days) <= now() - make_interval(secs => $1)",
         keep.as_secs_f64()
     )
     .execute(pool)
