@@ -96,9 +96,10 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // The day rollup of the pruned days goes with them: a day whose every run
-        // is gone. The day the cutoff falls in keeps its row, counting runs already
-        // pruned; a window reaching past retention reads them (docs/dashboard.md).
+        // The rollup of the pruned days and weeks goes with them: a span whose every
+        // run is gone. The day and week the cutoff falls in keep their rows, counting
+        // runs already pruned; a window reaching past retention reads them
+        // (docs/dashboard.md).
         retention::prune_step_days(&self.pool, keep).await?;
         for _ in 0..max_batches {
             let n = retention::prune_events(&self.pool, keep, PRUNE_BATCH * 10).await?;
